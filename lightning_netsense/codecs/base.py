@@ -1,0 +1,100 @@
+"""The codec interface: compress a flat gradient bucket, aggregate every rank's payload, decompress.
+
+Modelled on GRACE's compressor (three methods, ``compress`` returns ``(payload, ctx)`` and only the payload
+crosses the wire), with two additions the policy needs: whether the payload can be *summed* by allreduce, and
+its exact size for a given bucket (the cost model prices each candidate before running it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+__all__ = ["BucketLayout", "Codec"]
+
+
+@dataclass(frozen=True)
+class BucketLayout:
+    """Where a flat bucket comes from: its index, size and the shapes of the gradients packed into it.
+
+    Attributes:
+        index: ``bucket.index()`` (stable from the second step on, after DDP rebuilds its buckets).
+        numel: number of elements of the flat bucket.
+        shapes: shape of each gradient in the bucket, in bucket order (low-rank codecs need them).
+        world_size: number of ranks in the process group.
+    """
+
+    index: int
+    numel: int
+    shapes: tuple[tuple[int, ...], ...]
+    world_size: int
+
+
+class Codec(ABC):
+    """A gradient codec used by :func:`lightning_netsense.netsense_hook`.
+
+    The hook calls, per bucket and step: :meth:`compress` on this rank's gradient (with the error-feedback
+    residual added), :meth:`decompress` on its own payload (what this rank actually contributed, for the
+    residual and the error), then one collective - ``all_reduce`` of the payload if :attr:`summable`, else
+    ``all_gather_into_tensor`` - and :meth:`aggregate` on the result, which must return the *average* of the
+    ranks' contributions as a flat tensor of ``layout.numel`` elements.
+
+    Gradients reach the hook unscaled by world size; averaging is the codec's job (dividing before a summing
+    collective keeps fp16 from overflowing).
+
+    Subclasses set :attr:`name`, :attr:`summable`, :attr:`lossy` and :attr:`default_options`.
+    """
+
+    #: mode name under which the codec is selected (``FixedPolicy(mode=name)``)
+    name: ClassVar[str]
+    #: payload can be summed by allreduce (fp16: yes; int8 codes or top-k indices: no)
+    summable: ClassVar[bool]
+    #: loses information (error feedback and error measurement apply)
+    lossy: ClassVar[bool] = True
+    #: options and their defaults, e.g. ``{"density": 0.01}``; a decision may override them per step
+    default_options: ClassVar[Mapping[str, float]] = {}
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Return ``options`` merged over the defaults; raise ``ValueError`` naming a bad or unknown option."""
+        unknown = sorted(set(options) - set(cls.default_options))
+        if unknown:
+            accepted = ", ".join(f"`{k}`" for k in cls.default_options) or "none"
+            raise ValueError(f"Option `{unknown[0]}` does not apply to mode {cls.name!r} (accepted: {accepted})")
+        merged = {**cls.default_options, **options}
+        cls._check_options(merged)
+        return merged
+
+    @classmethod
+    def _check_options(cls, options: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the option whose value is out of range."""
+
+    def reset(self) -> None:
+        """Forget per-bucket state (warm starts); called when the buckets or options change."""
+
+    @abstractmethod
+    def payload_bytes(self, layout: BucketLayout, **options: Any) -> int:
+        """Bytes one rank contributes to the collective for this bucket (before the collective's own cost)."""
+
+    @abstractmethod
+    def compress(self, tensor: Tensor, layout: BucketLayout, **options: Any) -> tuple[Tensor, Any]:
+        """Turn this rank's flat gradient into ``(payload, ctx)``; only ``payload`` (1-D) crosses the wire.
+
+        ``tensor`` may be the bucket's own buffer: a codec may overwrite it only if it is not lossy.
+        """
+
+    @abstractmethod
+    def decompress(self, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
+        """This rank's own contribution as the others will see it, unscaled (same scale as the input)."""
+
+    @abstractmethod
+    def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
+        """Average of all ranks' contributions from the collective's output, flat, ``layout.numel`` elements.
+
+        ``collected`` is the summed payload for a summable codec, else the ``world_size`` payloads laid end
+        to end (the output tensor of ``all_gather_into_tensor``).
+        """

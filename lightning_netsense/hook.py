@@ -1,0 +1,477 @@
+"""The dispatcher communication hook and its state.
+
+``netsense_hook(state, bucket)`` is registered on the DDP model once (DDP allows one hook per model). Per
+bucket it applies the mode that every rank agreed on at the last step boundary; at the boundary
+(:meth:`NetSenseState.end_step`, called by the strategy after each synchronising backward) the ranks share
+their measurements in one small ``all_gather`` and run the policy on the identical combined observation.
+"""
+
+# No `from __future__ import annotations` here: DDP checks the hook's annotations at runtime
+# (`bucket: dist.GradBucket`, `-> torch.futures.Future[torch.Tensor]`) and rejects strings.
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_netsense.codecs import CODECS, BucketLayout, Codec
+from lightning_netsense.feedback import ErrorFeedback
+from lightning_netsense.observation import (
+    CodecProfile,
+    Decision,
+    LocalObservation,
+    Observation,
+    allgather_wire_bytes,
+    combine_locals,
+    pack_local,
+    unpack_locals,
+    wire_bytes,
+)
+from lightning_netsense.policy import FixedPolicy, Policy
+from lightning_netsense.sensing import LinkEstimator, peak_in_flight, queue_corrected_durations
+
+__all__ = ["NetSenseState", "netsense_hook"]
+
+log = logging.getLogger(__name__)
+
+_PLAIN = Decision("none")
+# weight of the newest measurement in a codec's running cost per byte
+_COST_EMA = 0.3
+
+
+class _StepRecord:
+    """What the hook records during one step; reset at each boundary."""
+
+    __slots__ = ("t_backward_start", "t_first", "t_last", "launch", "end", "wire", "index", "numel",
+                 "err2", "ref2", "codec_seconds", "cuda_events")
+
+    def __init__(self) -> None:
+        self.t_backward_start: float | None = None
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.launch: list[float] = []
+        # filled by the collective's callback, on the backend's thread
+        self.end: list[float] = []
+        self.wire: list[float] = []
+        self.index: list[int] = []
+        self.numel: list[int] = []
+        self.err2 = 0.0
+        self.ref2 = 0.0
+        # appended from two threads (hook body and callback); list.append is atomic under the GIL, += is not
+        self.codec_seconds: list[float] = []
+        self.cuda_events: list[Any] = []
+
+
+class NetSenseState:
+    r"""State of :func:`netsense_hook`: configuration, per-bucket memory, the link estimator and the decision.
+
+    Build it with plain values; it binds to the process group lazily, in the worker, so that it pickles for the
+    ``spawn`` start method (the process group is dropped from the pickle and the default group is used after
+    unpickling).
+
+    Args:
+        policy: decides the mode of each step from the agreed observation (default: plain DDP).
+        process_group: group the gradients are averaged over (default: the world).
+        error_feedback: keep what lossy codecs did not send and add it to the next step.
+        warmup_steps: steps forced to plain allreduce. DDP rebuilds its buckets after the first step, so
+            per-bucket residuals and warm starts are only meaningful from then on; must be >= 2.
+        estimator: the link estimator (default: :class:`LinkEstimator` with its defaults).
+
+    Raises:
+        ValueError: if an argument is of the wrong type or out of range.
+    """
+
+    __slots__ = (
+        # configuration
+        "policy",
+        "error_feedback",
+        "warmup_steps",
+        # internal state
+        "process_group",
+        "codecs",
+        "feedback",
+        "estimator",
+        "decision",
+        "step",
+        "_record",
+        "_layouts",
+        "_mode_errors",
+        "_mode_cost",
+        "_last_boundary",
+        "_probe",
+        # statistics
+        "last_observation",
+        "mode_steps",
+        "total_bytes_sent",
+        "total_dense_bytes",
+    )
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        error_feedback: bool = True,
+        warmup_steps: int = 2,
+        estimator: LinkEstimator | None = None,
+    ) -> None:
+        policy = FixedPolicy() if policy is None else policy
+        if not isinstance(policy, Policy):
+            raise ValueError(f"Expected `policy` to be a lightning_netsense Policy, but got {type(policy).__name__}")
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 2:
+            raise ValueError(
+                f"Expected `warmup_steps` to be an integer >= 2 (DDP rebuilds buckets after step 1), "
+                f"but got {warmup_steps!r}"
+            )
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f"Expected `error_feedback` to be a bool, but got {error_feedback!r}")
+        self.policy = policy
+        self.error_feedback = error_feedback
+        self.warmup_steps = warmup_steps
+        self.process_group = process_group
+        self.codecs: dict[str, Codec] = {name: cls() for name, cls in CODECS.items()}
+        self.feedback = ErrorFeedback()
+        self.estimator = LinkEstimator() if estimator is None else estimator
+        #: decision for the next step, identical on every rank
+        self.decision: Decision = _PLAIN
+        #: number of synchronising steps completed
+        self.step = 0
+        self._record = _StepRecord()
+        self._layouts: dict[int, BucketLayout] = {}
+        self._mode_errors: dict[str, float] = {}
+        self._mode_cost: dict[str, float] = {}
+        self._last_boundary: float | None = None
+        self._probe: tuple[float, float] = (0.0, 0.0)
+        #: the observation the last decision was taken on (``None`` before the first boundary)
+        self.last_observation: Observation | None = None
+        #: steps run in each mode
+        self.mode_steps: dict[str, int] = {}
+        self.total_bytes_sent = 0.0
+        self.total_dense_bytes = 0.0
+
+    # ------------------------------------------------------------------ pickling (spawn start method)
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: getattr(self, k) for k in self.__slots__ if k not in ("process_group", "_record")}
+        state["codecs"] = list(self.codecs)  # codec objects may hold per-bucket tensors: rebuild them
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self.codecs = {name: CODECS[name]() for name in state["codecs"]}
+        self.process_group = None
+        self._record = _StepRecord()
+        log.info("NetSenseState unpickled: the default process group will be used")
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.process_group)
+
+    @property
+    def active_decision(self) -> Decision:
+        """The decision the hook applies in the current step (plain allreduce during warm-up)."""
+        return _PLAIN if self.step < self.warmup_steps else self.decision
+
+    def begin_backward(self) -> None:
+        """Mark the start of a backward pass (the strategy calls this; otherwise the first hook call is used)."""
+        self._record.t_backward_start = time.perf_counter()
+
+    def end_step(self) -> Decision | None:
+        """Close the step: agree on the measurements with every rank and decide the next step's mode.
+
+        Call it after a backward pass on every rank (collective). Does nothing, and returns ``None``, after a
+        backward that did not synchronise gradients (gradient accumulation).
+        """
+        rec = self._record
+        if not rec.launch:
+            return None
+        local = self._local_observation(rec, time.perf_counter())
+        return self.decide_from(local, rec)
+
+    def decide_from(self, local: LocalObservation, record: _StepRecord | None = None) -> Decision:
+        """Share ``local`` with every rank, combine, update the estimator and run the policy (collective)."""
+        used = self.active_decision
+        world = self.world_size
+        packed = pack_local(local)
+        gathered = torch.empty(world * packed.numel(), dtype=packed.dtype)
+        t0 = time.perf_counter()
+        # gloo and nccl alike accept a CPU tensor here only for gloo; the observation is tiny, so move it if needed
+        device = self._collective_device()
+        if device.type != "cpu":
+            packed, gathered = packed.to(device), gathered.to(device)
+        dist.all_gather_into_tensor(gathered, packed, group=self.process_group)
+        gathered = gathered.cpu()
+        self._probe = (allgather_wire_bytes(packed.numel() * 8, world), time.perf_counter() - t0)
+        agreed = combine_locals(unpack_locals(gathered, world))
+
+        samples_b = list(agreed.bucket_wire_bytes)
+        samples_s = list(agreed.bucket_seconds)
+        if agreed.probe_seconds > 0:
+            samples_b.append(agreed.probe_wire_bytes)
+            samples_s.append(agreed.probe_seconds)
+        self.estimator.update(samples_b, samples_s)
+        layouts = self._step_layouts(record)
+        observation = Observation(
+            step=self.step,
+            world_size=world,
+            decision=used,
+            bucket_bytes=tuple(layout.numel * 4 for layout in layouts),
+            backward_time=agreed.backward_time,
+            overlap_time=agreed.overlap_time,
+            step_time=agreed.step_time,
+            comm_time=sum(agreed.bucket_seconds),
+            exposed_comm_time=agreed.exposed_comm_time,
+            bytes_sent=agreed.bytes_sent,
+            dense_bytes=sum(wire_bytes(layout.numel * 4, world, True) for layout in layouts),
+            bytes_in_flight=agreed.bytes_in_flight,
+            rel_error=agreed.rel_error,
+            residual_norm=agreed.residual_norm,
+            link=self.estimator.compute(),
+            codecs=self._profiles(layouts, agreed.mode_errors, agreed.mode_seconds_per_byte),
+        )
+        decision = self._validated(self.policy.decide(observation))
+        self.last_observation = observation
+        self.mode_steps[used.mode] = self.mode_steps.get(used.mode, 0) + 1
+        self.total_bytes_sent += observation.bytes_sent
+        self.total_dense_bytes += observation.dense_bytes
+        self.step += 1
+        self.decision = decision
+        return decision
+
+    def state_dict(self) -> dict[str, Any]:
+        """Decision state for checkpoints: plain values only (loads with ``torch.load(weights_only=True)``).
+
+        Residuals are per rank and are *not* included: they are reset on resume (error feedback restarts
+        from zero, which costs at most one step's unsent gradient).
+        """
+        return {
+            "step": self.step,
+            "decision": self.decision.to_dict(),
+            "estimator": self.estimator.state_dict(),
+            "policy": self.policy.state_dict(),
+            "mode_errors": dict(self._mode_errors),
+            "mode_cost": dict(self._mode_cost),
+            "mode_steps": dict(self.mode_steps),
+            "total_bytes_sent": self.total_bytes_sent,
+            "total_dense_bytes": self.total_dense_bytes,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.decision = self._validated(Decision.from_dict(state["decision"]))
+        self.estimator.load_state_dict(state["estimator"])
+        self.policy.load_state_dict(state["policy"])
+        self._mode_errors = {str(k): float(v) for k, v in state.get("mode_errors", {}).items()}
+        self._mode_cost = {str(k): float(v) for k, v in state.get("mode_cost", {}).items()}
+        self.mode_steps = {str(k): int(v) for k, v in state.get("mode_steps", {}).items()}
+        self.total_bytes_sent = float(state.get("total_bytes_sent", 0.0))
+        self.total_dense_bytes = float(state.get("total_dense_bytes", 0.0))
+        self.feedback.reset()
+        for codec in self.codecs.values():
+            codec.reset()
+        self._layouts.clear()
+        self._last_boundary = None
+
+    # ------------------------------------------------------------------ internals
+    def _collective_device(self) -> torch.device:
+        backend = dist.get_backend(self.process_group)
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _validated(self, decision: Decision) -> Decision:
+        if not isinstance(decision, Decision):
+            raise TypeError(
+                f"{type(self.policy).__name__}.decide must return a Decision, but returned {type(decision).__name__}"
+            )
+        if decision.mode not in self.codecs:
+            raise ValueError(
+                f"{type(self.policy).__name__} chose mode {decision.mode!r}; accepted modes: {sorted(self.codecs)}"
+            )
+        type(self.codecs[decision.mode]).validate_options(decision.options)
+        return decision
+
+    def _layout(self, bucket: dist.GradBucket, buffer: Tensor) -> BucketLayout:
+        index = bucket.index()
+        shapes = tuple(tuple(g.shape) for g in bucket.gradients())
+        layout = self._layouts.get(index)
+        if layout is None or layout.numel != buffer.numel() or layout.shapes != shapes:
+            if layout is not None:
+                # buckets were rebuilt: per-bucket memory no longer lines up with the buffer
+                self.feedback.discard(index)
+                for codec in self.codecs.values():
+                    codec.reset()
+            layout = BucketLayout(index, buffer.numel(), shapes, self.world_size)
+            self._layouts[index] = layout
+        return layout
+
+    def _step_layouts(self, record: _StepRecord | None) -> list[BucketLayout]:
+        if record is not None and record.index:
+            return [self._layouts[i] for i in record.index if i in self._layouts]
+        return [self._layouts[i] for i in sorted(self._layouts)]
+
+    def _profiles(
+        self, layouts: list[BucketLayout], errors: tuple[float, ...], costs: tuple[float, ...]
+    ) -> dict[str, CodecProfile]:
+        modes = list(self.codecs)
+        wanted = [_PLAIN, *self.policy.candidates()]
+        out = {}
+        for decision in wanted:
+            codec = self.codecs.get(decision.mode)
+            if codec is None:
+                continue
+            i = modes.index(decision.mode)
+            err = errors[i] if i < len(errors) else math.nan
+            cost = costs[i] if i < len(costs) else math.nan
+            out[decision.mode] = CodecProfile(
+                mode=decision.mode,
+                summable=codec.summable,
+                lossy=codec.lossy,
+                payload_bytes=tuple(codec.payload_bytes(layout, **decision.options) for layout in layouts),
+                rel_error=None if math.isnan(err) else (0.0 if not codec.lossy else err),
+                seconds_per_byte=0.0 if math.isnan(cost) else cost,
+            )
+        return out
+
+    def _local_observation(self, rec: _StepRecord, now: float) -> LocalObservation:
+        if rec.cuda_events:
+            launch, end = _cuda_times(rec.cuda_events)
+        else:
+            launch, end = rec.launch, rec.end
+        seconds = queue_corrected_durations(launch, end)
+        t_start = rec.t_backward_start if rec.t_backward_start is not None else rec.t_first
+        mode = self.active_decision.mode
+        dense = sum(rec.numel) * 4.0
+        if dense > 0 and rec.codec_seconds:
+            cost = sum(rec.codec_seconds) / dense
+            prev = self._mode_cost.get(mode)
+            self._mode_cost[mode] = cost if prev is None else (1 - _COST_EMA) * prev + _COST_EMA * cost
+        if self.codecs[mode].lossy and rec.ref2 > 0:
+            rel_error = math.sqrt(rec.err2 / rec.ref2)
+            self._mode_errors[mode] = rel_error
+        else:
+            rel_error = 0.0
+        step_time = now - self._last_boundary if self._last_boundary is not None else now - (t_start or now)
+        self._last_boundary = now
+        modes = list(self.codecs)
+        return LocalObservation(
+            backward_time=(rec.t_last or now) - (t_start or now),
+            overlap_time=(rec.t_last or now) - (rec.t_first or now),
+            step_time=step_time,
+            exposed_comm_time=max(0.0, now - (rec.t_last or now)),
+            bytes_sent=float(sum(rec.wire)),
+            bytes_in_flight=peak_in_flight(launch, end, rec.wire),
+            rel_error=rel_error,
+            residual_norm=self.feedback.norm() if self.error_feedback else 0.0,
+            probe_wire_bytes=self._probe[0],
+            probe_seconds=self._probe[1],
+            bucket_wire_bytes=list(rec.wire),
+            bucket_seconds=seconds,
+            mode_errors=[self._mode_errors.get(m, math.nan) for m in modes],
+            mode_seconds_per_byte=[self._mode_cost.get(m, math.nan) for m in modes],
+        )
+
+
+def _cuda_times(events: list[tuple[Any, Any]]) -> tuple[list[float], list[float]]:
+    """Launch and end times (seconds, relative to the first launch) from CUDA event pairs.
+
+    On CUDA a collective's future can complete before the transfer ends, so host clocks would time the
+    launch, not the transfer; events recorded on the stream time the transfer itself.
+    """
+    events[-1][1].synchronize()
+    ref = events[0][0]
+    launch = [ref.elapsed_time(s) / 1e3 for s, _ in events]
+    end = [ref.elapsed_time(e) / 1e3 for _, e in events]
+    return launch, end
+
+
+def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """Average one gradient bucket across ranks in the mode agreed for this step.
+
+    1. Take the step's mode from ``state.active_decision`` (identical on every rank: it was agreed at the last
+       step boundary, and is plain allreduce for the first ``warmup_steps`` steps while DDP rebuilds buckets).
+    2. For a lossy mode, add the bucket's error-feedback residual, compress, and keep as the new residual what
+       this rank's payload does not carry.
+    3. Issue exactly one collective from the hook body - ``all_reduce`` if the payload is summable, else
+       ``all_gather_into_tensor``. gloo matches collectives by issue order, and DDP calls the hook in bucket
+       order on every rank, so this cannot mismatch; a second collective issued from a ``then`` callback can
+       (it hung with several buckets on gloo).
+    4. When it completes, aggregate into the averaged gradient, write it into the bucket and record the
+       collective's timing for the link estimator.
+
+    Register with ``ddp_model.register_comm_hook(state, netsense_hook)``; outside Lightning, call
+    ``state.end_step()`` after each synchronising backward on every rank.
+    """
+    rec = state._record
+    now = time.perf_counter()
+    if rec.t_first is None:
+        rec.t_first = now
+        if rec.t_backward_start is None:
+            rec.t_backward_start = now
+    rec.t_last = now
+
+    decision = state.active_decision
+    codec = state.codecs[decision.mode]
+    buffer = bucket.buffer()
+    layout = state._layout(bucket, buffer)
+    group = state.process_group
+
+    t0 = time.perf_counter()
+    if codec.lossy:
+        grad = state.feedback.apply(layout.index, buffer) if state.error_feedback else buffer
+        payload, ctx = codec.compress(grad, layout, **decision.options)
+        sent = codec.decompress(payload, ctx, layout)
+        if state.error_feedback:
+            err2, ref2 = state.feedback.update(layout.index, grad, sent)
+        else:
+            err2 = float((grad - sent).double().pow(2).sum())
+            ref2 = float(grad.double().pow(2).sum())
+        if math.isfinite(err2) and math.isfinite(ref2):
+            rec.err2 += err2
+            rec.ref2 += ref2
+    else:
+        payload, ctx = codec.compress(buffer, layout, **decision.options)
+    payload = payload.contiguous()
+    rec.codec_seconds.append(time.perf_counter() - t0)
+
+    nbytes = payload.numel() * payload.element_size()
+    world = layout.world_size
+    if codec.summable:
+        collected = payload
+    else:
+        collected = payload.new_empty(world * payload.numel())
+    slot = len(rec.launch)
+    rec.index.append(layout.index)
+    rec.numel.append(layout.numel)
+    rec.wire.append(wire_bytes(nbytes, world, codec.summable))
+    rec.end.append(math.nan)
+    cuda_start = None
+    if buffer.is_cuda:
+        cuda_start = torch.cuda.Event(enable_timing=True)
+        cuda_start.record()
+    rec.launch.append(time.perf_counter())
+    if codec.summable:
+        work = dist.all_reduce(payload, group=group, async_op=True)
+    else:
+        work = dist.all_gather_into_tensor(collected, payload, group=group, async_op=True)
+
+    def finish(fut: torch.futures.Future) -> Tensor:
+        fut.value()  # re-raises a failed collective so that DDP reports it instead of averaging garbage
+        rec.end[slot] = time.perf_counter()
+        if cuda_start is not None:
+            cuda_end = torch.cuda.Event(enable_timing=True)
+            cuda_end.record()
+            rec.cuda_events.append((cuda_start, cuda_end))
+        t1 = time.perf_counter()
+        out = codec.aggregate(collected, ctx, layout)
+        if out.data_ptr() != buffer.data_ptr():
+            buffer.copy_(out.view_as(buffer))
+        rec.codec_seconds.append(time.perf_counter() - t1)
+        return buffer
+
+    return work.get_future().then(finish)

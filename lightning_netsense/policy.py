@@ -1,0 +1,89 @@
+"""Policies: plain objects that turn an agreed :class:`Observation` into the next step's :class:`Decision`.
+
+A policy never touches ``torch.distributed``: every rank runs it on the same observation and so reaches the
+same decision. Write your own by subclassing :class:`Policy` and implementing :meth:`Policy.decide`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from lightning_netsense.codecs import codec_class
+from lightning_netsense.observation import Decision, Observation
+
+__all__ = ["FixedPolicy", "Policy"]
+
+
+class Policy(ABC):
+    """Base class of every policy.
+
+    A subclass implements :meth:`decide`; it may list in :meth:`candidates` the decisions it wants priced
+    (the hook then fills :attr:`Observation.codecs` with a profile per candidate mode) and keep state across
+    steps, saved by :meth:`state_dict` into checkpoints.
+    """
+
+    def candidates(self) -> Sequence[Decision]:
+        """Decisions this policy may take; the observation carries a :class:`CodecProfile` for each."""
+        return ()
+
+    @abstractmethod
+    def decide(self, observation: Observation) -> Decision:
+        """Return the decision for the next step. Must depend on ``observation`` and own state only."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state restored on resume (must load with ``torch.load(weights_only=True)``)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _make_decision(mode: str, **options: Any) -> Decision:
+    """Validate ``mode`` and its options against the codec registry and build a :class:`Decision`."""
+    cls = codec_class(mode)
+    given = {k: v for k, v in options.items() if v is not None}
+    cls.validate_options(given)
+    return Decision(mode, given)
+
+
+class FixedPolicy(Policy):
+    """Always choose the same mode: plain DDP (``"none"``) or one forced codec.
+
+    Args:
+        mode: ``"none"``, ``"fp16"``, ``"bf16"``, or any registered codec (``"int8"``, ``"topk"``,
+            ``"powersgd"``).
+        density: top-k kept fraction in (0, 1]; only with ``mode="topk"``.
+        rank: PowerSGD rank >= 1; only with ``mode="powersgd"``.
+        chunk_size: int8 elements per scale; only with ``mode="int8"``.
+
+    Raises:
+        ValueError: for an unknown mode, or an option that is out of range or does not apply to the mode.
+
+    Example::
+
+        Trainer(strategy=NetSenseStrategy(policy=FixedPolicy(mode="topk", density=0.01)))
+    """
+
+    def __init__(
+        self,
+        mode: str = "none",
+        density: float | None = None,
+        rank: int | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.mode = mode
+        self.decision = _make_decision(mode, density=density, rank=rank, chunk_size=chunk_size)
+
+    def candidates(self) -> Sequence[Decision]:
+        return (self.decision,)
+
+    def decide(self, observation: Observation) -> Decision:
+        return self.decision
+
+    def __repr__(self) -> str:
+        return f"FixedPolicy({self.decision.key})"

@@ -1,0 +1,210 @@
+"""``NetSenseStrategy``: Lightning's DDP with the network-sensing communication hook always registered."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor
+from torch.nn.parallel.distributed import DistributedDataParallel
+from typing_extensions import override
+
+from lightning_netsense.hook import NetSenseState, netsense_hook
+from lightning_netsense.policy import Policy
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["NetSenseStrategy"]
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT_KEY = "netsense"
+
+
+class NetSenseStrategy(DDPStrategy):
+    r"""Data-parallel training that compresses gradients only as much as the network forces it to.
+
+    A :class:`~lightning.pytorch.strategies.DDPStrategy` whose gradient buckets go through
+    :func:`~lightning_netsense.netsense_hook`, on CPU/gloo as on CUDA/NCCL (Lightning's own DDP strategy
+    registers communication hooks on CUDA only). After each synchronising backward pass the ranks agree on
+    what they measured and the ``policy`` picks the next step's mode, identically on every rank.
+
+    Args:
+        policy: decides the mode of each step; default :class:`~lightning_netsense.NetSensePolicy` when it
+            is available, else plain DDP.
+        error_feedback: add what lossy codecs did not send to the next step.
+        warmup_steps: steps of plain allreduce at the start (>= 2: DDP rebuilds its buckets after step 1).
+        find_unused_parameters: passed to ``DistributedDataParallel``.
+        static_graph: passed to ``DistributedDataParallel``.
+        bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default of 25).
+        gradient_as_bucket_view: passed to ``DistributedDataParallel``.
+        start_method: ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``, as for DDP.
+        process_group_backend: ``"gloo"``, ``"nccl"``, ... (default: by device).
+        timeout: process group timeout.
+        \**kwargs: any other ``DistributedDataParallel`` keyword.
+
+    Raises:
+        ValueError: if a communication hook, state or wrapper of your own is passed (this strategy owns the
+            hook), or an argument is out of range.
+
+    Example::
+
+        import lightning_netsense  # registers "netsense_ddp" and friends
+        trainer = Trainer(accelerator="cpu", devices=2, strategy="netsense_ddp")
+    """
+
+    strategy_name = "netsense_ddp"
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        error_feedback: bool = True,
+        warmup_steps: int = 2,
+        find_unused_parameters: bool = False,
+        static_graph: bool = False,
+        bucket_cap_mb: float | None = None,
+        gradient_as_bucket_view: bool = False,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        ddp_comm_state: object | None = None,
+        ddp_comm_hook: Callable | None = None,
+        ddp_comm_wrapper: Callable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (
+            ("ddp_comm_hook", ddp_comm_hook),
+            ("ddp_comm_state", ddp_comm_state),
+            ("ddp_comm_wrapper", ddp_comm_wrapper),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"NetSenseStrategy registers its own communication hook; `{name}` must be None, but got "
+                    f"{value!r}. Choose compression through `policy=` (e.g. FixedPolicy(mode='fp16')), or use "
+                    "DDPStrategy for a hook of your own."
+                )
+        if policy is None:
+            policy = _default_policy()
+        if bucket_cap_mb is not None:
+            if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb <= 0:
+                raise ValueError(f"Expected `bucket_cap_mb` to be a number > 0 or None, but got {bucket_cap_mb!r}")
+            kwargs["bucket_cap_mb"] = bucket_cap_mb
+        # Validates policy, error_feedback and warmup_steps now, in the main process, with a clear message.
+        self._netsense_config = {"policy": policy, "error_feedback": error_feedback, "warmup_steps": warmup_steps}
+        NetSenseState(**self._netsense_config)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            find_unused_parameters=find_unused_parameters,
+            static_graph=static_graph,
+            gradient_as_bucket_view=gradient_as_bucket_view,
+            **kwargs,
+        )
+        self._netsense_state: NetSenseState | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return self._netsense_config["policy"]
+
+    @property
+    def netsense_state(self) -> NetSenseState | None:
+        """The hook's state in this process (``None`` until the model is wrapped by DDP in ``fit``)."""
+        return self._netsense_state
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        # Lightning's DDPStrategy registers only when the root device is CUDA; we register on every device.
+        # The state is built here, in the worker, because it binds to the process group (see DESIGN.md: a
+        # process-group-bound state built in the parent fails to unpickle under spawn).
+        assert isinstance(self.model, DistributedDataParallel)
+        if self._netsense_state is None:
+            self._netsense_state = NetSenseState(**self._netsense_config)
+            if self._pending_state is not None:
+                self._netsense_state.load_state_dict(self._pending_state)
+                self._pending_state = None
+        _register_ddp_comm_hook(
+            model=self.model, ddp_comm_state=self._netsense_state, ddp_comm_hook=netsense_hook
+        )
+
+    @override
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        super().pre_backward(closure_loss)
+        if self._netsense_state is not None:
+            self._netsense_state.begin_backward()
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        # DDP has waited for every bucket's future before backward() returned, so no collective of the hook
+        # is in flight: the small agreement collective cannot interleave with bucket traffic.
+        if self._netsense_state is not None:
+            self._netsense_state.end_step()
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        if self._netsense_state is not None:
+            checkpoint[_CHECKPOINT_KEY] = self._netsense_state.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is not None:
+            if self._netsense_state is not None:
+                self._netsense_state.load_state_dict(state)
+            else:
+                self._pending_state = state
+        return checkpoint
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        # Do not call super(): DDPStrategy's version registers "ddp" again and the registry raises.
+        for name, start_method in (
+            ("netsense_ddp", "popen"),
+            ("netsense_ddp_spawn", "spawn"),
+            ("netsense_ddp_fork", "fork"),
+            ("netsense_ddp_notebook", "fork"),
+        ):
+            if name in strategy_registry:
+                continue
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"Network-sensing compressed DDP with `start_method` '{start_method}'",
+                start_method=start_method,
+            )
+
+
+def _default_policy() -> Policy:
+    try:
+        from lightning_netsense.policies import NetSensePolicy
+    except ImportError:  # the adaptive policy lands in its own module
+        from lightning_netsense.policy import FixedPolicy
+
+        return FixedPolicy()
+    return NetSensePolicy()
