@@ -24,6 +24,7 @@ from lightning_netsense.feedback import ErrorFeedback
 from lightning_netsense.observation import (
     CodecProfile,
     Decision,
+    PACKED_SIZE,
     LocalObservation,
     Observation,
     allgather_wire_bytes,
@@ -106,6 +107,7 @@ class NetSenseState:
         "_probe",
         # statistics
         "last_observation",
+        "last_local",
         "mode_steps",
         "total_bytes_sent",
         "total_dense_bytes",
@@ -148,6 +150,8 @@ class NetSenseState:
         self._probe: tuple[float, float] = (0.0, 0.0)
         #: the observation the last decision was taken on (``None`` before the first boundary)
         self.last_observation: Observation | None = None
+        #: this rank's own measurements at the last boundary, before the ranks agreed (``None`` before it)
+        self.last_local: LocalObservation | None = None
         #: steps run in each mode
         self.mode_steps: dict[str, int] = {}
         self.total_bytes_sent = 0.0
@@ -190,6 +194,7 @@ class NetSenseState:
         rec = self._record
         if not rec.launch:
             return None
+        self._record = _StepRecord()
         local = self._local_observation(rec, time.perf_counter())
         return self.decide_from(local, rec)
 
@@ -198,7 +203,7 @@ class NetSenseState:
         used = self.active_decision
         world = self.world_size
         packed = pack_local(local)
-        gathered = torch.empty(world * packed.numel(), dtype=packed.dtype)
+        gathered = torch.empty(world * PACKED_SIZE, dtype=packed.dtype)
         t0 = time.perf_counter()
         # gloo and nccl alike accept a CPU tensor here only for gloo; the observation is tiny, so move it if needed
         device = self._collective_device()
@@ -224,7 +229,7 @@ class NetSenseState:
             backward_time=agreed.backward_time,
             overlap_time=agreed.overlap_time,
             step_time=agreed.step_time,
-            comm_time=sum(agreed.bucket_seconds),
+            comm_time=agreed.comm_time,
             exposed_comm_time=agreed.exposed_comm_time,
             bytes_sent=agreed.bytes_sent,
             dense_bytes=sum(wire_bytes(layout.numel * 4, world, True) for layout in layouts),
@@ -236,6 +241,7 @@ class NetSenseState:
         )
         decision = self._validated(self.policy.decide(observation))
         self.last_observation = observation
+        self.last_local = local
         self.mode_steps[used.mode] = self.mode_steps.get(used.mode, 0) + 1
         self.total_bytes_sent += observation.bytes_sent
         self.total_dense_bytes += observation.dense_bytes
@@ -364,6 +370,7 @@ class NetSenseState:
             overlap_time=(rec.t_last or now) - (rec.t_first or now),
             step_time=step_time,
             exposed_comm_time=max(0.0, now - (rec.t_last or now)),
+            comm_time=sum(seconds),
             bytes_sent=float(sum(rec.wire)),
             bytes_in_flight=peak_in_flight(launch, end, rec.wire),
             rel_error=rel_error,

@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "MODE_CODES",
+    "PACKED_SIZE",
     "CodecProfile",
     "Decision",
     "LinkEstimate",
@@ -184,13 +185,14 @@ class LocalObservation:
         overlap_time: from the first bucket's hook to the last bucket's hook.
         step_time: wall time since the previous step boundary.
         exposed_comm_time: time the backward pass waited for communication after the last bucket was ready.
+        comm_time: link-busy time of this step's collectives (sum of queue-corrected durations).
         bytes_sent: wire bytes of this step's collectives (this rank).
         bytes_in_flight: largest number of wire bytes outstanding at once.
         rel_error: relative compression error of this step, over all buckets.
         residual_norm: norm of the error-feedback memory after this step.
         probe_wire_bytes: wire bytes of the previous agreement collective (a tiny, latency-only sample).
         probe_seconds: its duration (0 when there was none).
-        bucket_wire_bytes: per bucket, wire bytes of its collective.
+        bucket_wire_bytes: per bucket, wire bytes of its collective (at most :data:`SAMPLE_SLOTS` once shared).
         bucket_seconds: per bucket, queue-corrected duration of its collective.
         mode_errors: per mode (in the state's mode order), last relative error, ``nan`` if never run.
         mode_seconds_per_byte: per mode, codec compute time per dense byte, ``nan`` if unknown.
@@ -200,6 +202,7 @@ class LocalObservation:
     overlap_time: float = 0.0
     step_time: float = 0.0
     exposed_comm_time: float = 0.0
+    comm_time: float = 0.0
     bytes_sent: float = 0.0
     bytes_in_flight: float = 0.0
     rel_error: float = 0.0
@@ -217,6 +220,7 @@ _SCALARS = (
     "overlap_time",
     "step_time",
     "exposed_comm_time",
+    "comm_time",
     "bytes_sent",
     "bytes_in_flight",
     "rel_error",
@@ -225,44 +229,76 @@ _SCALARS = (
     "probe_seconds",
 )
 
+#: Collective samples shared per step. More buckets than this are merged, a group of adjacent collectives
+#: into its mean (``t/n = alpha + (b/n)/B`` holds exactly when ``t`` and ``b`` are the group's sums).
+SAMPLE_SLOTS = 64
+#: Mode slots in the shared vector (the codec registry is far smaller).
+MODE_SLOTS = 16
+_HEADER = 3
+PACKED_SIZE = _HEADER + len(_SCALARS) + 2 * SAMPLE_SLOTS + 2 * MODE_SLOTS
+
+
+def _merge_samples(nbytes: Sequence[float], seconds: Sequence[float], slots: int) -> tuple[list[float], list[float]]:
+    n = len(nbytes)
+    if n <= slots:
+        return [float(x) for x in nbytes], [float(x) for x in seconds]
+    out_b, out_s = [], []
+    for k in range(slots):
+        lo, hi = k * n // slots, (k + 1) * n // slots
+        out_b.append(sum(nbytes[lo:hi]) / (hi - lo))
+        out_s.append(sum(seconds[lo:hi]) / (hi - lo))
+    return out_b, out_s
+
 
 def pack_local(local: LocalObservation) -> torch.Tensor:
-    """Lay a rank's observation out as one float64 vector: a header of lengths, the scalars, then the lists."""
+    """Lay a rank's observation out as a float64 vector of the fixed size :data:`PACKED_SIZE`.
+
+    The size never depends on the model, so ranks that disagree (a misconfigured job) still complete the
+    ``all_gather`` and then fail with a clear error, instead of hanging in a collective of mismatched sizes.
+    """
     nb, nm = len(local.bucket_wire_bytes), len(local.mode_errors)
     if len(local.bucket_seconds) != nb or len(local.mode_seconds_per_byte) != nm:
         raise ValueError("Expected per-bucket and per-mode lists of matching lengths")
-    values = [float(nb), float(nm)]
+    if nm > MODE_SLOTS:
+        raise ValueError(f"Expected at most {MODE_SLOTS} modes, but got {nm}")
+    sb, ss = _merge_samples(local.bucket_wire_bytes, local.bucket_seconds, SAMPLE_SLOTS)
+    pad_s = [0.0] * (SAMPLE_SLOTS - len(sb))
+    pad_m = [math.nan] * (MODE_SLOTS - nm)
+    values = [float(nb), float(len(sb)), float(nm)]
     values += [float(getattr(local, name)) for name in _SCALARS]
-    values += [float(x) for x in local.bucket_wire_bytes]
-    values += [float(x) for x in local.bucket_seconds]
-    values += [float(x) for x in local.mode_errors]
-    values += [float(x) for x in local.mode_seconds_per_byte]
+    values += sb + pad_s + ss + pad_s
+    values += [float(x) for x in local.mode_errors] + pad_m
+    values += [float(x) for x in local.mode_seconds_per_byte] + pad_m
     return torch.tensor(values, dtype=torch.float64)
 
 
 def unpack_locals(gathered: torch.Tensor, world_size: int) -> list[LocalObservation]:
-    """Split the ``all_gather`` of :func:`pack_local` vectors back into one observation per rank."""
-    rows = gathered.reshape(world_size, -1).tolist()
+    """Split the ``all_gather`` of :func:`pack_local` vectors back into one observation per rank.
+
+    Raises:
+        RuntimeError: on every rank alike, if the ranks disagree on the number of buckets or modes.
+    """
+    rows = gathered.reshape(world_size, PACKED_SIZE).tolist()
+    headers = {tuple(int(v) for v in row[:_HEADER]) for row in rows}
+    if len(headers) != 1:
+        raise RuntimeError(
+            f"Ranks disagree on the observation layout (buckets, samples, modes per rank: {sorted(headers)}):"
+            " every rank must run the same model, bucket size and lightning_netsense version"
+        )
+    _, ns, nm = headers.pop()
     out = []
     for row in rows:
-        nb, nm = int(row[0]), int(row[1])
-        expected = 2 + len(_SCALARS) + 2 * nb + 2 * nm
-        if expected != len(row):
-            raise RuntimeError(
-                f"Ranks disagree on the observation layout ({expected} vs {len(row)} values): every rank must"
-                " run the same model, buckets and policy"
-            )
-        i = 2
+        i = _HEADER
         kwargs = {}
         for name in _SCALARS:
             kwargs[name] = row[i]
             i += 1
-        kwargs["bucket_wire_bytes"] = row[i : i + nb]
-        i += nb
-        kwargs["bucket_seconds"] = row[i : i + nb]
-        i += nb
+        kwargs["bucket_wire_bytes"] = row[i : i + ns]
+        i += SAMPLE_SLOTS
+        kwargs["bucket_seconds"] = row[i : i + ns]
+        i += SAMPLE_SLOTS
         kwargs["mode_errors"] = row[i : i + nm]
-        i += nm
+        i += MODE_SLOTS
         kwargs["mode_seconds_per_byte"] = row[i : i + nm]
         out.append(LocalObservation(**kwargs))
     return out
@@ -286,6 +322,7 @@ class AgreedMeasurements:
     overlap_time: float
     step_time: float
     exposed_comm_time: float
+    comm_time: float
     bytes_sent: float
     bytes_in_flight: float
     rel_error: float
@@ -315,6 +352,7 @@ def combine_locals(locals_: Sequence[LocalObservation]) -> AgreedMeasurements:
         overlap_time=min(o.overlap_time for o in locals_),
         step_time=max(o.step_time for o in locals_),
         exposed_comm_time=max(o.exposed_comm_time for o in locals_),
+        comm_time=min(o.comm_time for o in locals_),
         bytes_sent=max(o.bytes_sent for o in locals_),
         bytes_in_flight=max(o.bytes_in_flight for o in locals_),
         rel_error=_nanmean([o.rel_error for o in locals_]),

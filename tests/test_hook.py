@@ -1,0 +1,169 @@
+"""netsense_hook and NetSenseState on real 2-rank gloo groups: averaging, precision, agreement, records."""
+
+import math
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_netsense import Decision, FixedPolicy, NetSenseState, Policy, netsense_hook
+from lightning_netsense.observation import LocalObservation
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+
+
+def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(16, 32, generator=g), torch.randn(16, 8, generator=g)
+
+
+def _hook_vs_exact_mean(mode: str, steps: int = 4) -> dict:
+    """Gradients through the hook vs the exact mean of every rank's local gradients, step by step."""
+    model = _model()
+    reference = _model()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
+    state = NetSenseState(policy=FixedPolicy(mode=mode))
+    ddp.register_comm_hook(state, netsense_hook)
+    errors, buckets = [], 0
+    for step in range(steps):
+        x, y = _batch(dist.get_rank(), step)
+        ddp.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        buckets = len(state._record.launch)
+        used = state.active_decision.mode
+        state.end_step()
+        # exact mean: local gradients of an identical replica, averaged in float64
+        reference.load_state_dict(model.state_dict())
+        reference.zero_grad()
+        nn.functional.mse_loss(reference(x), y).backward()
+        exact = torch.cat([p.grad.flatten() for p in reference.parameters()]).double()
+        dist.all_reduce(exact)
+        exact /= dist.get_world_size()
+        got = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+        errors.append((used, float((got - exact).norm() / exact.norm())))
+        with torch.no_grad():  # a plain SGD step keeps both replicas moving the same way
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return {"errors": errors, "buckets": buckets, "grads": grads, "comm_hook": ddp._get_ddp_logging_data()["comm_hook"]}
+
+
+@pytest.mark.slow
+def test_none_fp16_bf16_average_within_precision(dist_pool):
+    bounds = {"none": 1e-6, "fp16": 1e-3, "bf16": 8e-3}
+    for mode, bound in bounds.items():
+        out = dist_pool.run(_hook_vs_exact_mean, mode)
+        for rank in range(2):
+            assert out[rank]["buckets"] >= 2, "the test needs several buckets"
+            assert out[rank]["comm_hook"] == "netsense_hook"
+            for step, (used, err) in enumerate(out[rank]["errors"]):
+                assert used == ("none" if step < 2 else mode)  # lossy modes wait for DDP's bucket rebuild
+                assert err <= bound, f"{mode} step {step}: relative error {err:.2e} > {bound:.0e}"
+        # every rank applies the same averaged gradient
+        torch.testing.assert_close(out[0]["grads"], out[1]["grads"], rtol=0, atol=0)
+    # fp16 really compresses: its error is not zero once warm-up is over
+    fp16 = dist_pool.run(_hook_vs_exact_mean, "fp16")
+    assert fp16[0]["errors"][-1][1] > 0
+
+
+class _ThresholdPolicy(Policy):
+    """Compress when the agreed backward time is long; counts its calls (state_dict)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def decide(self, observation):
+        self.calls += 1
+        return Decision("fp16" if observation.backward_time > 0.5 else "none")
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+
+def _agree_on_injected(mismatch: bool = False) -> dict:
+    rank = dist.get_rank()
+    state = NetSenseState(policy=_ThresholdPolicy())
+    # the ranks saw different things: only rank 0 had a slow backward pass, and they timed the same
+    # two collectives differently (rank 1 reached them early and also timed its wait)
+    local = LocalObservation(
+        backward_time=1.0 if rank == 0 else 0.1,
+        overlap_time=0.2 + rank,
+        step_time=2.0 - rank,
+        bytes_sent=1e6,
+        rel_error=0.1 * (rank + 1),
+        bucket_wire_bytes=[1e6, 2e5] + ([1.0] if mismatch and rank == 1 else []),
+        bucket_seconds=[0.1, 0.03] if rank == 0 else [0.5, 0.2],
+        mode_errors=[math.nan] * len(state.codecs),
+        mode_seconds_per_byte=[1e-9 * (rank + 1)] * len(state.codecs),
+    )
+    if mismatch and rank == 1:
+        local.bucket_seconds = local.bucket_seconds + [0.1]
+    decision = state.decide_from(local)
+    obs = state.last_observation
+    return {
+        "decision": decision,
+        "observation": repr(obs),
+        "estimator": state.estimator.state_dict(),
+        "backward": obs.backward_time,
+        "rel_error": obs.rel_error,
+    }
+
+
+@pytest.mark.slow
+def test_ranks_with_different_measurements_decide_the_same(dist_pool):
+    out = dist_pool.run(_agree_on_injected)
+    assert out[0]["decision"] == out[1]["decision"] == Decision("fp16")  # rank 1 alone would have said "none"
+    assert out[0]["observation"] == out[1]["observation"]
+    assert out[0]["estimator"] == out[1]["estimator"]
+    assert out[0]["backward"] == 1.0  # the slowest rank sets the pace
+    assert out[0]["rel_error"] == pytest.approx(0.15)  # errors are the mean over ranks
+
+
+@pytest.mark.slow
+def test_ranks_with_different_layouts_fail_clearly(dist_pool):
+    with pytest.raises(AssertionError, match="disagree on the observation layout"):
+        dist_pool.run(_agree_on_injected, True)
+
+
+def _pickle_in_worker() -> dict:
+    state = NetSenseState(policy=FixedPolicy(mode="fp16"), process_group=dist.group.WORLD)
+    clone = pickle.loads(pickle.dumps(state))
+    return {"pg": clone.process_group, "world": clone.world_size}
+
+
+@pytest.mark.slow
+def test_state_drops_process_group_when_pickled(dist_pool):
+    out = dist_pool.run(_pickle_in_worker)
+    assert out[0] == {"pg": None, "world": 2}
+
+
+def _inf_on_one_rank(mode: str) -> dict:
+    """An inf gradient on rank 0 only (an AMP overflow) must reach every rank, and not poison the residual."""
+    model = nn.Linear(16, 4)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = NetSenseState(policy=FixedPolicy(mode=mode))
+    ddp.register_comm_hook(state, netsense_hook)
+    finite = []
+    for step in range(4):
+        x = torch.randn(8, 16)
+        if step == 3 and dist.get_rank() == 0:
+            x[0, 0] = math.inf
+        ddp.zero_grad()
+        ddp(x).sum().backward()
+        state.end_step()
+        finite.append(bool(torch.isfinite(model.weight.grad).all()))
+    return {"finite": finite, "residual_finite": math.isfinite(state.feedback.norm())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp16", "bf16"])
+def test_non_finite_gradient_reaches_every_rank(dist_pool, mode):
+    out = dist_pool.run(_inf_on_one_rank, mode)
+    for rank in range(2):
+        assert out[rank]["finite"] == [True, True, True, False]
+        assert out[rank]["residual_finite"]
