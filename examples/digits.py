@@ -104,7 +104,7 @@ def _policy(mode: str):
     import lightning_netsense as ln
 
     if mode == "adaptive":
-        return ln.NetSensePolicy() if hasattr(ln, "NetSensePolicy") else None
+        return ln.NetSensePolicy()
     return ln.FixedPolicy(mode=mode)
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> float:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2, help="CPU processes (default 2)")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--mode", default="adaptive", help="'adaptive' (default) or a codec: " + ", ".join(ln.CODECS))
     parser.add_argument("--logdir", default="lightning_logs")
     parser.add_argument("--seed", type=int, default=0)

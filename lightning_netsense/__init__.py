@@ -8,6 +8,8 @@ constructed, so import this package first).
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_netsense.adaptive import NetSensePolicy
+from lightning_netsense.aimd import AIMDPolicy
 from lightning_netsense.codecs import CODECS, Codec
 from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.observation import MODE_CODES, CodecProfile, Decision, LinkEstimate, Observation
@@ -18,6 +20,7 @@ from lightning_netsense.strategy import NetSenseStrategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "AIMDPolicy",
     "CODECS",
     "MODE_CODES",
     "Codec",
@@ -26,6 +29,7 @@ __all__ = [
     "FixedPolicy",
     "LinkEstimate",
     "LinkEstimator",
+    "NetSensePolicy",
     "NetSenseState",
     "NetSenseStrategy",
     "Observation",

@@ -390,7 +390,8 @@ def _cuda_times(events: list[tuple[Any, Any]]) -> tuple[list[float], list[float]
     On CUDA a collective's future can complete before the transfer ends, so host clocks would time the
     launch, not the transfer; events recorded on the stream time the transfer itself.
     """
-    events[-1][1].synchronize()
+    for _, end in events:
+        end.synchronize()
     ref = events[0][0]
     launch = [ref.elapsed_time(s) / 1e3 for s, _ in events]
     end = [ref.elapsed_time(e) / 1e3 for _, e in events]
@@ -461,6 +462,7 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
     if buffer.is_cuda:
         cuda_start = torch.cuda.Event(enable_timing=True)
         cuda_start.record()
+        rec.cuda_events.append((cuda_start, None))
     rec.launch.append(time.perf_counter())
     if codec.summable:
         work = dist.all_reduce(payload, group=group, async_op=True)
@@ -473,7 +475,7 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
         if cuda_start is not None:
             cuda_end = torch.cuda.Event(enable_timing=True)
             cuda_end.record()
-            rec.cuda_events.append((cuda_start, cuda_end))
+            rec.cuda_events[slot] = (cuda_start, cuda_end)
         t1 = time.perf_counter()
         out = codec.aggregate(collected, ctx, layout)
         if out.data_ptr() != buffer.data_ptr():

@@ -1,18 +1,26 @@
 """Sense the link from the training traffic itself: fit ``t = alpha + bytes / B`` to the hook's collectives.
 
-The maths are pure functions (tested with numbers alone); :class:`LinkEstimator` keeps a window of samples
-with the ``update / compute / reset`` shape of a torchmetrics ``Metric``.
+The maths are pure functions (tested with numbers alone); :class:`LinkEstimator` keeps a window of per-step
+samples with the ``update / compute / reset`` shape of a torchmetrics ``Metric``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from lightning_netsense.observation import LinkEstimate
 
-__all__ = ["LinkEstimator", "fit_latency_bandwidth", "peak_in_flight", "queue_corrected_durations"]
+__all__ = [
+    "LinkEstimator",
+    "fit_latency_bandwidth",
+    "peak_in_flight",
+    "queue_corrected_durations",
+    "step_fit",
+    "weighted_median",
+]
 
 _MIN_SECONDS = 1e-7
 
@@ -48,36 +56,73 @@ def peak_in_flight(launch: Sequence[float], end: Sequence[float], nbytes: Sequen
     return peak
 
 
+def weighted_median(values: Sequence[float], weights: Sequence[float]) -> float:
+    """The value at which the cumulative weight of the sorted values first reaches half of the total.
+
+    When the half falls exactly on a boundary between two values, their mean is returned, so that the
+    result does not depend on the input order.
+
+    Raises:
+        ValueError: on empty or mismatched input, or weights that are negative or all zero.
+    """
+    if not values or len(values) != len(weights):
+        raise ValueError(f"Expected equal, non-zero numbers of values and weights, got {len(values)}, {len(weights)}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"Expected non-negative weights with a positive sum, but got {list(weights)}")
+    pairs = sorted(zip(values, weights))
+    half = 0.5 * sum(w for _, w in pairs)
+    cum = 0.0
+    for i, (v, w) in enumerate(pairs):
+        cum += w
+        if math.isclose(cum, half, rel_tol=1e-12) and i + 1 < len(pairs):
+            return 0.5 * (v + pairs[i + 1][0])
+        if cum > half:
+            return v
+    return pairs[-1][0]
+
+
 def fit_latency_bandwidth(
-    nbytes: Sequence[float], seconds: Sequence[float], weights: Sequence[float] | None = None
+    nbytes: Sequence[float],
+    seconds: Sequence[float],
+    weights: Sequence[float] | None = None,
+    *,
+    alpha: float | None = None,
 ) -> tuple[float, float]:
-    """Weighted least-squares fit of ``seconds = alpha + nbytes / bandwidth``.
+    """Weighted least-squares fit of ``seconds = alpha + nbytes / bandwidth`` with ``alpha, 1/bandwidth >= 0``.
+
+    Args:
+        nbytes: wire bytes of each sample.
+        seconds: duration of each sample.
+        weights: weight of each sample (default: all 1).
+        alpha: a known latency; when given, only the slope is fitted (through ``alpha``). Needed when every
+            sample has the same size: latency and bandwidth cannot be told apart from one size alone.
 
     Returns:
-        ``(alpha, bandwidth)`` with ``alpha >= 0`` and ``bandwidth`` in bytes per second. With one distinct
-        size (alpha and bandwidth cannot be told apart) or a non-positive slope, the smallest sample's time
-        is taken as alpha's bound and the bandwidth follows from the rest.
+        ``(alpha, bandwidth)``, ``bandwidth`` in bytes per second (``math.inf`` when the times do not grow
+        with size). With one distinct size and no ``alpha``, all of the time is attributed to the bandwidth
+        (``alpha = 0``): the plain delivery rate, a lower bound of the bandwidth.
 
     Raises:
         ValueError: on empty or mismatched input.
     """
     n = len(nbytes)
-    if n == 0 or len(seconds) != n:
+    if n == 0 or len(seconds) != n or (weights is not None and len(weights) != n):
         raise ValueError(f"Expected equal, non-zero numbers of sizes and times, but got {n} and {len(seconds)}")
     w = [1.0] * n if weights is None else [float(x) for x in weights]
     sw = sum(w)
-    mx = sum(wi * x for wi, x in zip(w, nbytes)) / sw
-    my = sum(wi * y for wi, y in zip(w, seconds)) / sw
-    sxx = sum(wi * (x - mx) ** 2 for wi, x in zip(w, nbytes))
-    sxy = sum(wi * (x - mx) * (y - my) for wi, x, y in zip(w, nbytes, seconds))
-    if sxx > 0 and sxy > 0:
+    if alpha is None and max(nbytes) - min(nbytes) > 1e-9 * max(nbytes):
+        mx = sum(wi * x for wi, x in zip(w, nbytes)) / sw
+        my = sum(wi * y for wi, y in zip(w, seconds)) / sw
+        sxx = sum(wi * (x - mx) ** 2 for wi, x in zip(w, nbytes))
+        sxy = sum(wi * (x - mx) * (y - my) for wi, x, y in zip(w, nbytes, seconds))
         beta = sxy / sxx
-        alpha = my - beta * mx
-        if alpha >= 0:
-            return alpha, 1.0 / beta
-    # Degenerate or negative intercept: anchor alpha on the fastest small collective, fit the slope through it.
-    i_min = min(range(n), key=lambda i: (nbytes[i], seconds[i]))
-    alpha = max(0.0, min(seconds[i_min], min(seconds)))
+        if beta <= 0:
+            # times do not grow with size: pure latency at this resolution
+            return max(0.0, my), math.inf
+        if my - beta * mx >= 0:
+            return my - beta * mx, 1.0 / beta
+        alpha = 0.0  # a negative intercept is noise: refit through the origin
+    alpha = max(0.0, 0.0 if alpha is None else float(alpha))
     num = sum(wi * x * (y - alpha) for wi, x, y in zip(w, nbytes, seconds))
     den = sum(wi * x * x for wi, x in zip(w, nbytes))
     if num <= 0 or den <= 0:
@@ -85,31 +130,70 @@ def fit_latency_bandwidth(
     return alpha, den / num
 
 
+def step_fit(
+    nbytes: Sequence[float], seconds: Sequence[float], alpha: float | None, min_size_ratio: float = 2.0
+) -> tuple[float | None, float]:
+    """Latency and seconds-per-byte of one step's samples.
+
+    When the sizes span at least ``min_size_ratio`` (in practice: the tiny latency probe next to the
+    gradient buckets), both are fitted from the step alone. Otherwise latency cannot be separated from
+    bandwidth and ``alpha`` (the estimate from other steps) is subtracted from every sample instead.
+
+    Returns:
+        ``(alpha_or_None, beta)``: the step's own latency (``None`` when it could not be fitted) and its
+        seconds per byte ``beta >= 0`` (``0`` means faster than the timer can resolve).
+    """
+    if max(nbytes) >= min_size_ratio * min(nbytes):
+        a, bandwidth = fit_latency_bandwidth(nbytes, seconds)
+        return a, 0.0 if math.isinf(bandwidth) else 1.0 / bandwidth
+    base = 0.0 if alpha is None else alpha
+    busy = sum(seconds) - base * len(seconds)
+    return None, max(0.0, busy / sum(nbytes))
+
+
 class LinkEstimator:
     """Windowed estimate of per-collective latency and bandwidth from the hook's own collectives.
 
-    Each :meth:`update` adds one step's samples (wire bytes and queue-corrected duration per collective, as
-    agreed by all ranks). :meth:`compute` fits ``t = alpha + bytes / B`` by least squares over the last
-    ``window_steps`` steps, each step's samples weighted ``decay ** age`` so the fit follows drops and
-    recoveries within a few steps. Because small samples pin alpha, heavily compressed traffic still
-    measures the bandwidth instead of collapsing it into latency.
+    Each :meth:`update` adds one step's samples: wire bytes and queue-corrected duration of every gradient
+    collective, plus the tiny latency probe (the previous step's agreement ``all_gather``), as agreed by all
+    ranks. :meth:`compute`:
+
+    1. fits ``t = alpha_j + beta_j * bytes`` per step ``j`` (:func:`step_fit`). The probe's few hundred bytes
+       next to the buckets pin ``alpha_j``, so heavily compressed traffic still measures ``beta_j`` instead of
+       collapsing the bandwidth into latency (``bytes / t`` would, once ``t`` is mostly latency);
+    2. takes the weighted median over the window of ``alpha_j`` (steps that could fit it; else the last
+       fitted value is held) and of ``beta_j`` (steps that could not fit alpha subtract that estimate), each
+       step weighted ``decay ** age``.
+
+    The weighted median is why one straggler or a first-step connection set-up does not move the estimate
+    (with ``decay > 0.5`` no single step holds half the weight) while a real change of the link - a drop or a
+    recovery, compressed or not - takes over as soon as its steps hold half the weight: two steps with the
+    defaults. Samples expire after ``window_steps`` steps, and :attr:`LinkEstimate.max_bandwidth` /
+    :attr:`LinkEstimate.min_rtt` are BBR's windowed max delivery rate and min duration over the same window.
 
     Args:
-        window_steps: steps of samples kept.
-        decay: weight ratio between a step and the one after it, in (0, 1].
+        window_steps: steps of samples kept (>= 1).
+        decay: weight ratio between a step and the one after it, in (0, 1]. Above 0.5 a single outlying step
+            never holds the median; closer to 1, more steps are needed to follow a change.
+        min_size_ratio: largest over smallest sample size (> 1) from which a step fits its own latency.
 
     Raises:
         ValueError: if an argument is out of range.
     """
 
-    def __init__(self, window_steps: int = 8, decay: float = 0.6) -> None:
-        if not isinstance(window_steps, int) or window_steps < 1:
+    def __init__(self, window_steps: int = 8, decay: float = 0.7, min_size_ratio: float = 2.0) -> None:
+        if not isinstance(window_steps, int) or isinstance(window_steps, bool) or window_steps < 1:
             raise ValueError(f"Expected `window_steps` to be an integer >= 1, but got {window_steps!r}")
-        if not (0.0 < decay <= 1.0):
+        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 < decay <= 1.0:
             raise ValueError(f"Expected `decay` in (0, 1], but got {decay!r}")
+        if not isinstance(min_size_ratio, (int, float)) or isinstance(min_size_ratio, bool) or not min_size_ratio > 1:
+            raise ValueError(f"Expected `min_size_ratio` to be a number > 1, but got {min_size_ratio!r}")
         self.window_steps = window_steps
-        self.decay = decay
+        self.decay = float(decay)
+        self.min_size_ratio = float(min_size_ratio)
         self._steps: deque[tuple[tuple[float, ...], tuple[float, ...]]] = deque(maxlen=window_steps)
+        # last latency fitted from a step with spread sizes: used once every such step has left the window
+        self._held_alpha: float | None = None
 
     def update(self, nbytes: Sequence[float], seconds: Sequence[float]) -> None:
         """Add one step's samples; samples with no bytes or non-finite values are ignored."""
@@ -121,34 +205,62 @@ class LinkEstimator:
             if b > 0 and s > 0 and math.isfinite(b) and math.isfinite(s)
         ]
         self._steps.append((tuple(b for b, _ in keep), tuple(s for _, s in keep)))
+        # hold the newest fitted latency now, so that it survives its step leaving the window
+        alpha = self._alpha()
+        if alpha is not None:
+            self._held_alpha = alpha
 
     def compute(self) -> LinkEstimate:
-        xs: list[float] = []
-        ys: list[float] = []
-        ws: list[float] = []
-        for age, (b, s) in enumerate(reversed(self._steps)):
-            weight = self.decay**age
-            xs += b
-            ys += s
-            ws += [weight] * len(b)
-        if not xs:
+        """The current estimate; ``LinkEstimate()`` (``samples == 0``, infinite bandwidth) before any sample."""
+        steps = [(b, s, self.decay**age) for age, (b, s) in enumerate(reversed(self._steps)) if b]
+        if not steps:
             return LinkEstimate()
-        alpha, bandwidth = fit_latency_bandwidth(xs, ys, ws)
+        alpha = self._alpha()
+        if alpha is None:
+            alpha = self._held_alpha
+        betas = [step_fit(b, s, alpha, self.min_size_ratio)[1] for b, s, _ in steps]
+        beta = weighted_median(betas, [w for _, _, w in steps])
+        all_b = [x for b, _, _ in steps for x in b]
+        all_s = [x for _, s, _ in steps for x in s]
         return LinkEstimate(
-            alpha=alpha,
-            bandwidth=bandwidth,
-            max_bandwidth=max(x / y for x, y in zip(xs, ys)),
-            min_rtt=min(ys),
-            samples=len(xs),
+            alpha=0.0 if alpha is None else alpha,
+            bandwidth=math.inf if beta <= 0 else 1.0 / beta,
+            max_bandwidth=max(x / y for x, y in zip(all_b, all_s)),
+            min_rtt=min(all_s),
+            samples=len(all_b),
         )
 
+    def _alpha(self) -> float | None:
+        """Weighted median of the latencies fitted by the window's steps (``None`` if no step could fit one)."""
+        alphas: list[float] = []
+        weights: list[float] = []
+        for age, (b, s) in enumerate(reversed(self._steps)):
+            if b:
+                a, _ = step_fit(b, s, None, self.min_size_ratio)
+                if a is not None:
+                    alphas.append(a)
+                    weights.append(self.decay**age)
+        return weighted_median(alphas, weights) if alphas else None
+
     def reset(self) -> None:
+        """Forget every sample and the held latency."""
         self._steps.clear()
+        self._held_alpha = None
 
-    def state_dict(self) -> dict:
-        return {"steps": [[list(b), list(s)] for b, s in self._steps]}
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state (loads with ``torch.load(weights_only=True)``)."""
+        return {"steps": [[list(b), list(s)] for b, s in self._steps], "held_alpha": self._held_alpha}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self._steps.clear()
         for b, s in state.get("steps", []):
             self._steps.append((tuple(float(x) for x in b), tuple(float(x) for x in s)))
+        held = state.get("held_alpha")
+        self._held_alpha = None if held is None else float(held)
+
+    def __repr__(self) -> str:
+        return (
+            f"LinkEstimator(window_steps={self.window_steps}, decay={self.decay:g}, "
+            f"min_size_ratio={self.min_size_ratio:g})"
+        )

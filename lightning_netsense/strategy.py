@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.nn.parallel.distributed import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_netsense.adaptive import NetSensePolicy
 from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.policy import Policy
 
@@ -39,8 +40,8 @@ class NetSenseStrategy(DDPStrategy):
     what they measured and the ``policy`` picks the next step's mode, identically on every rank.
 
     Args:
-        policy: decides the mode of each step; default :class:`~lightning_netsense.NetSensePolicy` when it
-            is available, else plain DDP.
+        policy: decides the mode of each step (default: :class:`~lightning_netsense.NetSensePolicy`, the
+            adaptive policy; ``FixedPolicy()`` gives plain DDP through the hook).
         error_feedback: add what lossy codecs did not send to the next step.
         warmup_steps: steps of plain allreduce at the start (>= 2: DDP rebuilds its buckets after step 1).
         find_unused_parameters: passed to ``DistributedDataParallel``.
@@ -98,7 +99,7 @@ class NetSenseStrategy(DDPStrategy):
                     "DDPStrategy for a hook of your own."
                 )
         if policy is None:
-            policy = _default_policy()
+            policy = NetSensePolicy()
         if bucket_cap_mb is not None:
             if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb <= 0:
                 raise ValueError(f"Expected `bucket_cap_mb` to be a number > 0 or None, but got {bucket_cap_mb!r}")
@@ -198,13 +199,3 @@ class NetSenseStrategy(DDPStrategy):
                 description=f"Network-sensing compressed DDP with `start_method` '{start_method}'",
                 start_method=start_method,
             )
-
-
-def _default_policy() -> Policy:
-    try:
-        from lightning_netsense.policies import NetSensePolicy
-    except ImportError:  # the adaptive policy lands in its own module
-        from lightning_netsense.policy import FixedPolicy
-
-        return FixedPolicy()
-    return NetSensePolicy()

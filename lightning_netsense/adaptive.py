@@ -1,0 +1,293 @@
+"""The adaptive policy: the least lossy mode whose communication still hides under the backward pass."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from lightning_netsense.codecs import CODECS
+from lightning_netsense.observation import MODE_CODES, CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
+from lightning_netsense.policy import Policy
+
+__all__ = ["PRIOR_REL_ERROR", "NetSensePolicy", "predicted_comm_time"]
+
+#: Relative error ``||g - g_hat|| / ||g||`` assumed for a mode until it has been measured; it orders the modes by
+#: lossiness. fp16 and bf16: RMS rounding error of an 11- and 8-bit mantissa (``2**-p / sqrt(3)``); int8: one
+#: absmax scale per chunk, uniform rounding over 255 levels of a Gaussian chunk; PowerSGD rank 4 and top-k 1 %
+#: (with error feedback): typical values on MLP/CNN gradients. Unknown modes count as 1.0 (the most lossy).
+PRIOR_REL_ERROR: Mapping[str, float] = MappingProxyType(
+    {"none": 0.0, "fp16": 3e-4, "bf16": 2.5e-3, "int8": 1e-2, "powersgd": 0.5, "topk": 0.9}
+)
+
+
+def predicted_comm_time(profile: CodecProfile, link: LinkEstimate, world_size: int, dense_bytes: float) -> float:
+    """Seconds one step's communication takes in ``profile``'s mode.
+
+    ``sum over buckets of (alpha + wire_bytes / B) + seconds_per_byte * dense_bytes``, where ``wire_bytes`` is
+    ``2 (N-1)/N * payload`` for a summable payload (allreduce) and ``(N-1) * payload`` otherwise (allgather):
+    at large ``N`` an allgathered payload costs ``N/2`` times more than the same payload allreduced.
+    """
+    link_time = sum(link.time(wire_bytes(p, world_size, profile.summable)) for p in profile.payload_bytes)
+    return link_time + profile.seconds_per_byte * dense_bytes
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class NetSensePolicy(Policy):
+    r"""Compress only as much as the link forces: the least lossy mode whose communication hides under compute.
+
+    Each step, with the agreed link estimate ``t(bytes) = alpha + bytes / B``:
+
+    1. price every candidate mode: ``comm(m) = sum_b (alpha + wire_b(m) / B) + c(m) * dense`` (see
+       :func:`predicted_comm_time`; ``c(m)`` is the codec's measured compute seconds per dense byte);
+    2. ``budget = slack * overlap_time``: the backward compute left after the first bucket is ready, which is
+       what the collectives can run under;
+    3. among modes within the error budget (``rel_error(m) <= max_rel_error``; measured error where known, else
+       :data:`PRIOR_REL_ERROR`), ordered from least to most lossy by that same error, take the first with
+       ``comm(m) <= budget``;
+    4. if none fits, predict each step time ``base + max(0, comm(m) - budget)`` (``base`` = the step without
+       its exposed communication) and take the least lossy mode within ``tolerance`` of the fastest.
+
+    Hysteresis: a *more* compressing mode is adopted at once (the current one no longer fits); a *less*
+    compressing one only after it has fitted with ``margin`` (budget and tolerance scaled by ``1 - margin``)
+    for ``patience`` consecutive steps. For ``patience + 2`` steps after such a relaxation the relaxed mode's
+    *measured* communication time is also checked against the budget (the estimate needs two steps to confirm
+    a change), and a relaxation undone in that time doubles the patience of the next one, up to
+    ``max_patience`` (back to ``patience`` once a relaxation holds): a link that only looks fast for small
+    payloads (a token bucket's burst) costs one slow step per probe, and is probed ever more rarely.
+
+    Before the link has been measured (``link.samples == 0``) the policy chooses ``"none"``; an infinite
+    bandwidth prices every mode at its latency alone, which makes ``"none"`` the choice as well.
+
+    Args:
+        modes: candidate modes; must contain ``"none"``.
+        topk_density: kept fraction of ``"topk"``, in (0, 1].
+        powersgd_rank: rank of ``"powersgd"``, >= 1.
+        slack: factor on the overlap budget, > 0 (above 1 tolerates some exposed communication).
+        max_rel_error: error budget, > 0. The default 1.0 admits every contraction (what error feedback needs).
+        margin: relative margin a less compressing mode must fit with, in [0, 1).
+        patience: consecutive steps a less compressing mode must fit before it is adopted, >= 1.
+        max_patience: cap of the doubled patience, >= ``patience``.
+        tolerance: relative step-time slack within which a less lossy mode is preferred when none fits, >= 0.
+        prior_errors: overrides of :data:`PRIOR_REL_ERROR`, mode -> relative error >= 0.
+
+    Raises:
+        ValueError: if an argument is out of range, naming it.
+
+    Example::
+
+        Trainer(strategy=NetSenseStrategy(policy=NetSensePolicy(modes=("none", "fp16", "powersgd"), slack=0.8)))
+    """
+
+    def __init__(
+        self,
+        modes: Sequence[str] = ("none", "fp16", "bf16", "int8", "powersgd", "topk"),
+        topk_density: float = 0.01,
+        powersgd_rank: int = 4,
+        slack: float = 1.0,
+        max_rel_error: float = 1.0,
+        margin: float = 0.2,
+        patience: int = 5,
+        max_patience: int = 64,
+        tolerance: float = 0.05,
+        prior_errors: Mapping[str, float] | None = None,
+    ) -> None:
+        if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
+            raise ValueError(f"Expected `modes` to be a non-empty sequence of mode names, but got {modes!r}")
+        known = set(MODE_CODES) | set(CODECS)
+        bad = [m for m in modes if m not in known]
+        if bad or len(set(modes)) != len(modes) or "none" not in modes:
+            raise ValueError(
+                f"Expected `modes` to be distinct names from {sorted(known)} including 'none', but got {list(modes)!r}"
+            )
+        if not _is_number(topk_density) or not 0 < topk_density <= 1:
+            raise ValueError(f"Expected `topk_density` in (0, 1], but got {topk_density!r}")
+        if not _is_int(powersgd_rank) or powersgd_rank < 1:
+            raise ValueError(f"Expected `powersgd_rank` to be an integer >= 1, but got {powersgd_rank!r}")
+        for name, value in (("slack", slack), ("max_rel_error", max_rel_error)):
+            if not _is_number(value) or value <= 0:
+                raise ValueError(f"Expected `{name}` to be a number > 0, but got {value!r}")
+        if not _is_number(margin) or not 0 <= margin < 1:
+            raise ValueError(f"Expected `margin` in [0, 1), but got {margin!r}")
+        if not _is_int(patience) or patience < 1:
+            raise ValueError(f"Expected `patience` to be an integer >= 1, but got {patience!r}")
+        if not _is_int(max_patience) or max_patience < patience:
+            raise ValueError(
+                f"Expected `max_patience` to be an integer >= `patience` ({patience}), but got {max_patience!r}"
+            )
+        if not _is_number(tolerance) or tolerance < 0:
+            raise ValueError(f"Expected `tolerance` to be a number >= 0, but got {tolerance!r}")
+        priors = dict(PRIOR_REL_ERROR)
+        for mode, err in (prior_errors or {}).items():
+            if not _is_number(err) or err < 0:
+                raise ValueError(f"Expected `prior_errors` values >= 0, but got {err!r} for {mode!r}")
+            priors[str(mode)] = float(err)
+        self.modes = tuple(modes)
+        self.topk_density = float(topk_density)
+        self.powersgd_rank = powersgd_rank
+        self.slack = float(slack)
+        self.max_rel_error = float(max_rel_error)
+        self.margin = float(margin)
+        self.patience = patience
+        self.max_patience = max_patience
+        self.tolerance = float(tolerance)
+        self.priors = priors
+        self._decisions = {m: Decision(m, self._options(m)) for m in self.modes}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the hysteresis state: back to ``"none"``."""
+        self._mode = "none"
+        # consecutive steps a less compressing mode has fitted with margin, and the most lossy of those modes
+        self._streak = 0
+        self._streak_target: str | None = None
+        self._patience_now = self.patience
+        # steps left in which undoing the last relaxation counts as a failed relaxation, and the mode it left
+        self._probation = 0
+        self._relaxed_from: str | None = None
+
+    def _options(self, mode: str) -> dict[str, float]:
+        if mode == "topk":
+            return {"density": self.topk_density}
+        if mode == "powersgd":
+            return {"rank": self.powersgd_rank}
+        return {}
+
+    def candidates(self) -> Sequence[Decision]:
+        return tuple(self._decisions.values())
+
+    # ------------------------------------------------------------------ the decision
+    def rel_error(self, profile: CodecProfile) -> float:
+        """Measured relative error of ``profile``'s mode where known, else its prior."""
+        if not profile.lossy:
+            return 0.0
+        if profile.rel_error is not None and math.isfinite(profile.rel_error):
+            return profile.rel_error
+        return self.priors.get(profile.mode, 1.0)
+
+    def _profiles(self, obs: Observation) -> dict[str, CodecProfile]:
+        """Candidate profiles present in the observation, ``"none"`` always (built from the buckets if absent)."""
+        out = {m: obs.codecs[m] for m in self.modes if m in obs.codecs}
+        if "none" not in out:
+            out["none"] = CodecProfile("none", summable=True, lossy=False, payload_bytes=tuple(obs.bucket_bytes))
+        return out
+
+    def _ordered(self, profiles: Mapping[str, CodecProfile]) -> list[str]:
+        """Modes from least to most lossy (ties broken by the order of ``modes``)."""
+        return sorted(profiles, key=lambda m: (self.rel_error(profiles[m]), self.modes.index(m)))
+
+    def choose(self, obs: Observation, strict: bool = False) -> str:
+        """Mode the rules pick for ``obs``, without hysteresis.
+
+        Args:
+            obs: the agreed observation.
+            strict: scale the budget and the tolerance by ``1 - margin`` (the test a less lossy mode must pass).
+        """
+        profiles = self._profiles(obs)
+        eligible = [m for m in self._ordered(profiles) if self.rel_error(profiles[m]) <= self.max_rel_error]
+        dense = float(sum(obs.bucket_bytes))
+        comm = {m: predicted_comm_time(profiles[m], obs.link, obs.world_size, dense) for m in eligible}
+        shrink = 1.0 - self.margin if strict else 1.0
+        budget = self.slack * max(obs.overlap_time, 0.0)
+        for m in eligible:
+            if comm[m] <= budget * shrink:
+                return m
+        base = max(obs.step_time - obs.exposed_comm_time, obs.backward_time, 0.0)
+        step = {m: base + max(0.0, comm[m] - budget) for m in eligible}
+        limit = min(step.values()) * (1.0 + self.tolerance * shrink)
+        return next(m for m in eligible if step[m] <= limit)
+
+    def decide(self, observation: Observation) -> Decision:
+        if observation.link.samples == 0:
+            # nothing measured yet: plain DDP. (An infinite bandwidth with samples prices every mode at its
+            # latency alone, so the cost model itself then picks "none".)
+            self.reset()
+            return self._decisions["none"]
+        profiles = self._profiles(observation)
+        order = self._ordered(profiles)
+        target = self.choose(observation)
+        current = self._mode
+        in_probation = self._probation > 0
+        self._probation = max(0, self._probation - 1)
+        current_ok = current in profiles and self.rel_error(profiles[current]) <= self.max_rel_error
+        if not current_ok or order.index(target) > order.index(current):
+            # the current mode no longer fits (or is gone): compress more at once
+            if current_ok and in_probation:  # the last relaxation was a mistake: probe less often
+                self._patience_now = min(2 * self._patience_now, self.max_patience)
+            self._switch(target)
+            return self._decisions[self._mode]
+        if in_probation and self._relaxed_from in profiles and self._measured_misfit(observation, profiles[current]):
+            # the relaxed mode just ran and took longer than the budget: the estimate (which needs two steps to
+            # confirm a change) was too optimistic. Undo the relaxation now rather than pay a second slow step.
+            self._patience_now = min(2 * self._patience_now, self.max_patience)
+            self._switch(self._relaxed_from)
+            return self._decisions[self._mode]
+        if in_probation and self._probation == 0:  # the last relaxation held: back to the base patience
+            self._patience_now = self.patience
+        if order.index(target) < order.index(current):
+            strict = self.choose(observation, strict=True)
+            if order.index(strict) < order.index(current):
+                self._streak += 1
+                if self._streak_target not in order:
+                    self._streak_target = strict
+                else:  # keep the most lossy mode the streak has seen: it fitted on every step of the streak
+                    self._streak_target = max(strict, self._streak_target, key=order.index)
+                if self._streak >= self._patience_now:
+                    self._relaxed_from = current
+                    self._switch(self._streak_target)
+                    # the estimator needs two steps to confirm a drop: count a revert within patience + 2 steps
+                    self._probation = self.patience + 3
+                return self._decisions[self._mode]
+        self._streak, self._streak_target = 0, None
+        return self._decisions[self._mode]
+
+    def _switch(self, mode: str) -> None:
+        self._mode = mode
+        self._streak, self._streak_target = 0, None
+        self._probation = 0
+
+    def _measured_misfit(self, obs: Observation, profile: CodecProfile) -> bool:
+        """Whether ``profile``'s mode ran this step and was predicted to fit the budget, but measured not to."""
+        if obs.decision.mode != profile.mode:
+            return False  # e.g. a warm-up step forced to plain DDP
+        dense = float(sum(obs.bucket_bytes))
+        budget = self.slack * max(obs.overlap_time, 0.0)
+        measured = obs.comm_time + profile.seconds_per_byte * dense
+        return measured > budget >= predicted_comm_time(profile, obs.link, obs.world_size, dense)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self._mode,
+            "streak": self._streak,
+            "streak_target": self._streak_target,
+            "patience_now": self._patience_now,
+            "probation": self._probation,
+            "relaxed_from": self._relaxed_from,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mode = str(state.get("mode", "none"))
+        self._mode = mode if mode in self.modes else "none"
+        self._streak = int(state.get("streak", 0))
+        target = state.get("streak_target")
+        self._streak_target = str(target) if target in self.modes else None
+        self._patience_now = min(max(int(state.get("patience_now", self.patience)), self.patience), self.max_patience)
+        self._probation = int(state.get("probation", 0))
+        relaxed_from = state.get("relaxed_from")
+        self._relaxed_from = str(relaxed_from) if relaxed_from in self.modes else None
+
+    def __repr__(self) -> str:
+        return (
+            f"NetSensePolicy(modes={self.modes}, topk_density={self.topk_density:g}, powersgd_rank={self.powersgd_rank}"
+            f", slack={self.slack:g}, max_rel_error={self.max_rel_error:g}, margin={self.margin:g}"
+            f", patience={self.patience})"
+        )

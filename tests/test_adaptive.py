@@ -1,0 +1,293 @@
+"""Pure tests of NetSensePolicy: hand-made observations in, decisions out (no processes, no clocks)."""
+
+import dataclasses
+import io
+import itertools
+
+import pytest
+import torch
+
+from lightning_netsense.adaptive import PRIOR_REL_ERROR, NetSensePolicy, predicted_comm_time
+from lightning_netsense.observation import CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
+from lightning_netsense.sensing import LinkEstimator
+
+MBIT = 1e6 / 8
+NUMELS = (250_000, 750_000)  # two fp32 buckets, 4 MB of gradients
+ALPHA = 2e-4
+
+
+def profiles(errors=None, costs=None, numels=NUMELS, density=0.01, rank=4):
+    """Codec profiles built by hand, as the hook would price them for the policy's candidates."""
+    errors, costs = errors or {}, costs or {}
+    sizes = {
+        "none": (True, [4 * n for n in numels]),
+        "fp16": (True, [2 * n for n in numels]),
+        "bf16": (True, [2 * n for n in numels]),
+        "int8": (False, [n + 4 * (n // 256) for n in numels]),
+        "powersgd": (True, [4 * rank * 2 * int(n**0.5) for n in numels]),  # P and Q of a square-ish matrix
+        "topk": (False, [8 * int(density * n) for n in numels]),
+    }
+    return {
+        m: CodecProfile(
+            m, summable, m != "none", tuple(p), errors.get(m, 0.0 if m == "none" else None), costs.get(m, 0.0)
+        )
+        for m, (summable, p) in sizes.items()
+    }
+
+
+def observe(bandwidth, overlap=0.03, world_size=2, alpha=ALPHA, step_time=0.1, exposed=0.0, samples=10, **kw):
+    codecs = profiles(**kw)
+    numels = kw.get("numels", NUMELS)
+    return Observation(
+        step=10,
+        world_size=world_size,
+        decision=Decision("none"),
+        bucket_bytes=tuple(4 * n for n in numels),
+        backward_time=overlap * 1.2,
+        overlap_time=overlap,
+        step_time=step_time,
+        comm_time=0.0,
+        exposed_comm_time=exposed,
+        bytes_sent=0.0,
+        dense_bytes=sum(wire_bytes(4 * n, world_size, True) for n in numels),
+        bytes_in_flight=0.0,
+        rel_error=0.0,
+        residual_norm=0.0,
+        link=LinkEstimate(alpha=alpha, bandwidth=bandwidth, max_bandwidth=bandwidth, min_rtt=alpha, samples=samples),
+        codecs=codecs,
+    )
+
+
+def comm(mode, obs):
+    return predicted_comm_time(obs.codecs[mode], obs.link, obs.world_size, sum(obs.bucket_bytes))
+
+
+def bandwidth_for(mode, ratio, overlap=0.03, world_size=2):
+    """Bandwidth at which ``mode``'s predicted communication is ``ratio`` times the overlap budget."""
+    wire = sum(wire_bytes(p, world_size, profiles()[mode].summable) for p in profiles()[mode].payload_bytes)
+    return wire / (ratio * overlap - len(NUMELS) * ALPHA)
+
+
+def test_predicted_comm_time_prices_collective_type_latency_and_codec_cost():
+    p = CodecProfile("int8", summable=False, lossy=True, payload_bytes=(1000, 3000), seconds_per_byte=1e-9)
+    link = LinkEstimate(alpha=1e-3, bandwidth=1e6, samples=1)
+    assert predicted_comm_time(p, link, 8, 1e6) == pytest.approx(2e-3 + 7 * 4000 / 1e6 + 1e-3)
+    q = CodecProfile("fp16", summable=True, lossy=True, payload_bytes=(1000, 3000))
+    assert predicted_comm_time(q, link, 8, 1e6) == pytest.approx(2e-3 + 2 * 7 / 8 * 4000 / 1e6)
+    assert predicted_comm_time(q, link, 1, 1e6) == 0.0  # one rank: nothing to send
+
+
+def test_fast_link_chooses_none():
+    policy = NetSensePolicy()
+    obs = observe(10_000 * MBIT)
+    assert comm("none", obs) < obs.overlap_time  # dense communication hides under the backward pass
+    assert all(policy.decide(obs).mode == "none" for _ in range(5))
+
+
+def test_slow_link_chooses_a_compressing_mode_that_fits():
+    policy = NetSensePolicy()
+    obs = observe(20 * MBIT)
+    mode = policy.decide(obs).mode
+    assert mode != "none"
+    assert comm(mode, obs) <= obs.overlap_time
+    # and it is the least lossy one that fits
+    less_lossy = {m for m in obs.codecs if PRIOR_REL_ERROR[m] < PRIOR_REL_ERROR[mode]}
+    assert less_lossy and all(comm(m, obs) > obs.overlap_time for m in less_lossy)
+
+
+def test_least_lossy_mode_that_fits_is_chosen():
+    policy = NetSensePolicy()
+    obs = observe(bandwidth_for("none", 1.5))  # dense takes 1.5x the budget, fp16 about 0.75x
+    assert policy.decide(obs) == Decision("fp16")
+
+
+def test_measured_error_reorders_modes():
+    # fp16 measured far worse than bf16's prior (gradients underflowing half precision): bf16 is preferred
+    obs = observe(bandwidth_for("none", 1.5), errors={"fp16": 0.05})
+    assert NetSensePolicy().decide(obs).mode == "bf16"
+
+
+def test_large_world_prefers_summable_codecs():
+    modes = ("none", "fp16", "int8")
+    bandwidth = bandwidth_for("fp16", 1.3)  # at N=2: fp16 misses the budget, int8 (half its bytes) fits
+    assert NetSensePolicy(modes=modes).decide(observe(bandwidth, world_size=2)).mode == "int8"
+    # at N=64 nothing fits; int8's allgather moves 63 payloads, fp16's allreduce under 2: fp16 is faster
+    large = observe(bandwidth, world_size=64)
+    assert NetSensePolicy(modes=modes).decide(large).mode == "fp16"
+    assert comm("int8", large) > 10 * comm("fp16", large)
+    # with a summable codec that fits, it is chosen at N=64
+    assert NetSensePolicy(modes=(*modes, "powersgd")).decide(large).mode == "powersgd"
+
+
+def test_nothing_fits_minimises_step_time_and_prefers_less_lossy_within_tolerance():
+    # one bucket: no overlap at all, so nothing "fits"
+    fast = observe(10_000 * MBIT, overlap=0.0, step_time=0.2, numels=(1_000_000,))
+    assert NetSensePolicy().decide(fast).mode == "none"  # 3 ms of exchange in a 200 ms step is not worth any error
+    slow = observe(20 * MBIT, overlap=0.0, step_time=0.2, numels=(1_000_000,))
+    policy = NetSensePolicy(tolerance=0.05)
+    mode = policy.decide(slow).mode
+    best = min(comm(m, slow) for m in policy.modes)
+    assert comm(mode, slow) <= best + 0.05 * (slow.step_time + best)
+    assert mode != "none"
+
+
+def test_error_budget_is_respected():
+    slow = observe(5 * MBIT)
+    assert NetSensePolicy().decide(slow).mode in ("powersgd", "topk")
+    policy = NetSensePolicy(max_rel_error=0.05)
+    assert policy.decide(slow).mode == "int8"  # the fastest within the budget
+    # measured errors replace the priors: int8 measured above the budget is dropped at once
+    measured = observe(5 * MBIT, errors={"int8": 0.2})
+    assert policy.decide(measured).mode in ("fp16", "bf16")
+
+
+def test_codec_compute_cost_counts():
+    # powersgd's payload fits, but its measured compute cost alone exceeds the budget
+    modes = ("none", "fp16", "powersgd", "topk")
+    assert NetSensePolicy(modes=modes).decide(observe(5 * MBIT)).mode == "powersgd"
+    obs = observe(5 * MBIT, costs={"powersgd": 1.0 / 4e6})
+    assert NetSensePolicy(modes=modes).decide(obs).mode == "topk"
+
+
+def test_unknown_link_chooses_none_and_world_of_one_never_compresses():
+    policy = NetSensePolicy()
+    assert policy.decide(observe(20 * MBIT)).mode != "none"
+    assert policy.decide(observe(float("inf"), alpha=0.0, samples=0)).mode == "none"
+    assert NetSensePolicy().decide(observe(1 * MBIT, world_size=1)).mode == "none"
+
+
+def _changes(modes):
+    return sum(a != b for a, b in itertools.pairwise(modes))
+
+
+def test_hysteresis_does_not_flap_on_noise_around_the_threshold():
+    # dense communication alternates between 0.95x and 1.05x the budget (noise on the estimate)
+    below, above = bandwidth_for("none", 0.95), bandwidth_for("none", 1.05)
+    observations = [observe(below if i % 2 else above) for i in range(30)]
+    policy = NetSensePolicy()
+    stable = [policy.decide(o).mode for o in observations]
+    assert _changes(["none", *stable]) == 1 and stable[-1] == "fp16"
+    # without hysteresis the same observations flap every step
+    naive = NetSensePolicy(margin=0.0, patience=1, max_patience=1)
+    assert _changes([naive.decide(o).mode for o in observations]) == len(observations) - 1
+
+
+def test_relaxing_needs_the_margin():
+    # dense communication settles at 0.9x the budget: it fits, but not with a 20 % margin
+    slow, near = observe(20 * MBIT), observe(bandwidth_for("none", 0.9))
+    policy = NetSensePolicy(patience=2, margin=0.2)
+    policy.decide(slow)
+    modes = [policy.decide(near).mode for _ in range(10)]
+    assert "none" not in modes and modes[-1] == "fp16"  # relaxed as far as the margin allows
+    loose = NetSensePolicy(patience=2, margin=0.05)
+    loose.decide(slow)
+    assert [loose.decide(near).mode for _ in range(3)][1:] == ["none", "none"]
+
+
+def test_switches_back_after_patience_steps():
+    policy = NetSensePolicy(patience=3)
+    assert policy.decide(observe(20 * MBIT)).mode != "none"
+    back = [policy.decide(observe(10_000 * MBIT)).mode for _ in range(5)]
+    assert "none" not in back[:2]
+    assert back[2:] == ["none"] * 3
+
+
+def test_a_relaxation_undone_at_once_doubles_the_patience():
+    policy = NetSensePolicy(patience=2, max_patience=8)
+    slow, fast = observe(20 * MBIT), observe(10_000 * MBIT)
+    policy.decide(slow)
+    assert [policy.decide(fast).mode for _ in range(2)][-1] == "none"
+    assert policy.decide(slow).mode != "none"  # the link only looked fast (e.g. a token bucket's burst)
+    relaxed = [policy.decide(fast).mode for _ in range(4)]
+    assert relaxed.index("none") == 3  # waited 4 steps instead of 2
+    for _ in range(6):  # the relaxation held: patience goes back to 2
+        policy.decide(fast)
+    assert policy.decide(slow).mode != "none"
+    again = [policy.decide(fast).mode for _ in range(2)]
+    assert again[0] != "none" and again[1] == "none"
+
+
+def test_state_dict_round_trip_with_weights_only():
+    policy = NetSensePolicy(patience=4)
+    policy.decide(observe(20 * MBIT))
+    policy.decide(observe(10_000 * MBIT))
+    buf = io.BytesIO()
+    torch.save(policy.state_dict(), buf)
+    buf.seek(0)
+    other = NetSensePolicy(patience=4)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert other.state_dict() == policy.state_dict()
+    fast = observe(10_000 * MBIT)
+    assert [other.decide(fast) for _ in range(4)] == [policy.decide(fast) for _ in range(4)]
+
+
+def test_candidates_carry_the_options():
+    policy = NetSensePolicy(topk_density=0.05, powersgd_rank=2)
+    by_mode = {d.mode: d for d in policy.candidates()}
+    assert set(by_mode) == set(policy.modes)
+    assert by_mode["topk"].options == {"density": 0.05}
+    assert by_mode["powersgd"].options == {"rank": 2}
+    assert by_mode["none"].options == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"modes": ("fp16", "int8")}, "modes"),
+        ({"modes": ("none", "zip")}, "modes"),
+        ({"modes": ("none", "fp16", "fp16")}, "modes"),
+        ({"modes": "none"}, "modes"),
+        ({"topk_density": 0.0}, "topk_density"),
+        ({"topk_density": 1.5}, "topk_density"),
+        ({"powersgd_rank": 0}, "powersgd_rank"),
+        ({"powersgd_rank": 2.0}, "powersgd_rank"),
+        ({"slack": 0.0}, "slack"),
+        ({"max_rel_error": -1.0}, "max_rel_error"),
+        ({"margin": 1.0}, "margin"),
+        ({"patience": 0}, "patience"),
+        ({"patience": 4, "max_patience": 2}, "max_patience"),
+        ({"tolerance": -0.1}, "tolerance"),
+        ({"prior_errors": {"topk": -1.0}}, "prior_errors"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        NetSensePolicy(**kwargs)
+
+
+def _simulate(policy, estimator, bandwidths, overlap=0.05, burst=0.0):
+    """Closed loop on a synthetic link: each step's collectives are timed from the mode chosen the step before.
+
+    ``burst`` bytes per collective go at the line rate (a token bucket's burst), the rest at the step's rate.
+    """
+    decision, modes = Decision("none"), []
+    line_rate = 10_000 * MBIT
+    for bandwidth in bandwidths:
+        obs = observe(bandwidth, overlap=overlap)
+        profile = obs.codecs[decision.mode]
+        sizes = [wire_bytes(p, obs.world_size, profile.summable) for p in profile.payload_bytes] + [480.0]
+        seconds = [ALPHA + min(b, burst) / line_rate + max(0.0, b - burst) / bandwidth for b in sizes]
+        estimator.update(sizes, seconds)
+        obs = dataclasses.replace(obs, decision=decision, link=estimator.compute(), comm_time=sum(seconds[:-1]))
+        decision = policy.decide(obs)
+        modes.append(decision.mode)
+    return modes
+
+
+def test_closed_loop_drop_and_restore():
+    fast, slow = 1000 * MBIT, 20 * MBIT
+    modes = _simulate(NetSensePolicy(), LinkEstimator(), [fast] * 10 + [slow] * 20 + [fast] * 20)
+    assert modes[:10] == ["none"] * 10
+    assert modes[10:15] != ["none"] * 5 and all(m != "none" for m in modes[14:30])  # compressing within 5 steps
+    assert _changes(modes[14:30]) == 0
+    assert modes[-1] == "none" and _changes(modes[30:]) == 1  # back to plain DDP once, without flapping
+
+
+def test_closed_loop_token_bucket_burst_is_re_probed_ever_more_rarely():
+    # compressed payloads fit in the burst and look fast: each relaxation fails, the next waits twice as long
+    modes = _simulate(NetSensePolicy(), LinkEstimator(), [20 * MBIT] * 120, burst=125_000.0)
+    relaxations = [i for i in range(1, len(modes)) if modes[i] == "none" and modes[i - 1] != "none"]
+    gaps = [b - a for a, b in itertools.pairwise(relaxations)]
+    assert len(relaxations) >= 3 and all(b > a for a, b in itertools.pairwise(gaps))
+    # and each failed probe costs one step: its measured time undoes it before the estimate has caught up
+    assert all(modes[i + 1] != "none" for i in relaxations)

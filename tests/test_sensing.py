@@ -1,0 +1,256 @@
+"""Pure tests of the link estimator: numbers in, estimates out (no processes, no clocks)."""
+
+import io
+import math
+import random
+
+import pytest
+import torch
+
+from lightning_netsense.observation import LinkEstimate, allgather_wire_bytes, allreduce_wire_bytes
+from lightning_netsense.sensing import (
+    LinkEstimator,
+    fit_latency_bandwidth,
+    peak_in_flight,
+    queue_corrected_durations,
+    step_fit,
+    weighted_median,
+)
+
+ALPHA = 3e-4  # seconds per collective
+MBIT = 1e6 / 8  # bytes per second in one Mbit/s
+PROBE = allgather_wire_bytes(60 * 8, 2)  # the agreement all_gather of ~60 float64 on 2 ranks
+DENSE = [allreduce_wire_bytes(4 * n, 2) for n in (250_000, 750_000)]  # two fp32 buckets, ~4 MB in all
+
+
+def timed(sizes, bandwidth, alpha=ALPHA):
+    return [alpha + b / bandwidth for b in sizes]
+
+
+def feed(est, sizes, bandwidth, steps=1, alpha=ALPHA, probe=True):
+    """Feed ``steps`` steps of buckets of ``sizes`` (plus the latency probe) on a link of ``bandwidth``."""
+    sizes = [*sizes, PROBE] if probe else list(sizes)
+    for _ in range(steps):
+        est.update(sizes, timed(sizes, bandwidth, alpha))
+    return est.compute()
+
+
+# ---------------------------------------------------------------------------- pure functions
+def test_queue_corrected_durations_start_when_the_link_frees():
+    # three buckets launched 10 ms apart, each needing 100 ms of link: served one after the other
+    launch = [0.00, 0.01, 0.02]
+    end = [0.10, 0.20, 0.30]
+    assert queue_corrected_durations(launch, end) == pytest.approx([0.10, 0.10, 0.10])
+    # naive end - launch would have counted the time spent queued behind the earlier collectives
+    assert [e - s for s, e in zip(launch, end)] != pytest.approx([0.10, 0.10, 0.10])
+
+
+def test_queue_corrected_durations_keep_input_order_and_sum_to_busy_time():
+    rng = random.Random(0)
+    launch, end, t = [], [], 0.0
+    for _ in range(6):
+        t += rng.uniform(0.0, 0.05)
+        launch.append(t)
+    free = 0.0
+    for s in launch:  # a serial link: each transfer takes 30 ms once the link is free
+        free = max(free, s) + 0.03
+        end.append(free)
+    order = list(range(6))
+    rng.shuffle(order)
+    out = queue_corrected_durations([launch[i] for i in order], [end[i] for i in order])
+    assert out == pytest.approx([0.03] * 6)
+    idle = sum(max(0.0, launch[i] - end[i - 1]) for i in range(1, 6))
+    assert sum(out) == pytest.approx(end[-1] - launch[0] - idle)
+
+
+def test_queue_corrected_durations_reject_mismatched_lengths():
+    with pytest.raises(ValueError, match="launch"):
+        queue_corrected_durations([0.0, 1.0], [1.0])
+
+
+def test_peak_in_flight_counts_overlapping_collectives_only():
+    # 1 and 2 overlap; 3 starts exactly when 2 ends (not concurrent)
+    assert peak_in_flight([0.0, 0.5, 2.0], [1.0, 2.0, 3.0], [10.0, 20.0, 40.0]) == 40.0
+    assert peak_in_flight([0.0, 0.5, 0.6], [1.0, 2.0, 3.0], [10.0, 20.0, 40.0]) == 70.0
+
+
+def test_weighted_median_is_order_free_and_ignores_a_light_outlier():
+    assert weighted_median([1.0, 2.0, 100.0], [1.0, 1.0, 1.0]) == 2.0
+    assert weighted_median([100.0, 1.0], [0.4, 0.6]) == 1.0
+    assert weighted_median([3.0, 1.0], [1.0, 1.0]) == weighted_median([1.0, 3.0], [1.0, 1.0]) == 2.0
+    with pytest.raises(ValueError):
+        weighted_median([], [])
+    with pytest.raises(ValueError):
+        weighted_median([1.0], [0.0])
+
+
+@pytest.mark.parametrize("bandwidth", [20 * MBIT, 1000 * MBIT, 10_000 * MBIT])
+def test_fit_recovers_exact_latency_and_bandwidth(bandwidth):
+    sizes = [PROBE, 1e4, 2.5e5, 1e6, 4e6]
+    alpha, b = fit_latency_bandwidth(sizes, timed(sizes, bandwidth))
+    assert alpha == pytest.approx(ALPHA, rel=1e-6)
+    assert b == pytest.approx(bandwidth, rel=1e-6)
+
+
+def test_fit_with_one_size_needs_the_latency():
+    sizes = [1e6] * 4
+    seconds = timed(sizes, 100 * MBIT)
+    alpha, b = fit_latency_bandwidth(sizes, seconds, alpha=ALPHA)
+    assert (alpha, b) == (pytest.approx(ALPHA), pytest.approx(100 * MBIT))
+    # without it, the whole time is put on the bandwidth: the delivery rate, a lower bound
+    alpha, b = fit_latency_bandwidth(sizes, seconds)
+    assert alpha == 0.0 and b == pytest.approx(1e6 / seconds[0]) and b < 100 * MBIT
+
+
+def test_fit_clamps_to_a_physical_line():
+    # times that shrink with size: nothing measurable but latency
+    alpha, b = fit_latency_bandwidth([1e3, 1e6], [2e-3, 1e-3])
+    assert math.isinf(b) and alpha == pytest.approx(1.5e-3)
+    # a negative intercept is refitted through the origin
+    alpha, b = fit_latency_bandwidth([1e6, 2e6], [0.9e-2, 2.1e-2])
+    assert alpha == 0.0 and 0 < b < math.inf
+    with pytest.raises(ValueError):
+        fit_latency_bandwidth([1.0], [1.0, 2.0])
+
+
+def test_step_fit_uses_the_given_latency_when_sizes_do_not_spread():
+    a, beta = step_fit([1e6, 1.1e6], timed([1e6, 1.1e6], 50 * MBIT), alpha=ALPHA)
+    assert a is None and beta == pytest.approx(1 / (50 * MBIT))
+    a, beta = step_fit([PROBE, 1e6], timed([PROBE, 1e6], 50 * MBIT), alpha=None)
+    assert a == pytest.approx(ALPHA) and beta == pytest.approx(1 / (50 * MBIT))
+
+
+# ---------------------------------------------------------------------------- the estimator
+def test_estimator_before_any_sample_is_unknown():
+    est = LinkEstimator()
+    assert est.compute() == LinkEstimate()
+    est.update([], [])
+    assert est.compute().samples == 0
+
+
+def test_estimator_recovers_latency_bandwidth_and_bbr_filters():
+    est = LinkEstimator()
+    link = feed(est, DENSE, 200 * MBIT, steps=3)
+    assert link.alpha == pytest.approx(ALPHA, rel=1e-6)
+    assert link.bandwidth == pytest.approx(200 * MBIT, rel=1e-6)
+    assert link.samples == 9
+    sizes = [*DENSE, PROBE]
+    assert link.max_bandwidth == pytest.approx(max(b / t for b, t in zip(sizes, timed(sizes, 200 * MBIT))))
+    assert link.min_rtt == pytest.approx(min(timed(sizes, 200 * MBIT)))
+
+
+def test_estimator_from_queued_collectives():
+    # both buckets launched at once: the second waits for the first on the link
+    bandwidth = 50 * MBIT
+    launch = [0.0, 0.0]
+    first = ALPHA + DENSE[0] / bandwidth
+    end = [first, first + ALPHA + DENSE[1] / bandwidth]
+    est = LinkEstimator()
+    for _ in range(3):
+        est.update([*DENSE, PROBE], [*queue_corrected_durations(launch, end), timed([PROBE], bandwidth)[0]])
+    assert est.compute().bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    # uncorrected, the second bucket's wait would read as a slower link
+    est.reset()
+    for _ in range(3):
+        est.update([*DENSE, PROBE], [end[0] - launch[0], end[1] - launch[1], timed([PROBE], bandwidth)[0]])
+    assert est.compute().bandwidth < 0.9 * bandwidth
+
+
+def test_estimator_follows_a_drop_and_a_recovery_within_two_steps():
+    est = LinkEstimator()
+    feed(est, DENSE, 1000 * MBIT, steps=8)
+    after_one = feed(est, DENSE, 20 * MBIT)
+    after_two = feed(est, DENSE, 20 * MBIT)
+    assert after_one.bandwidth > 100 * MBIT  # one step alone could be a straggler
+    assert after_two.bandwidth == pytest.approx(20 * MBIT, rel=0.01)
+    # recovery, seen while the policy compresses: small payloads only (1 % of the dense bytes)
+    small = [b / 100 for b in DENSE]
+    feed(est, small, 20 * MBIT, steps=4)
+    assert est.compute().bandwidth == pytest.approx(20 * MBIT, rel=0.01)
+    feed(est, small, 1000 * MBIT)
+    recovered = feed(est, small, 1000 * MBIT)
+    assert recovered.bandwidth == pytest.approx(1000 * MBIT, rel=0.01)
+
+
+def test_estimator_does_not_collapse_on_small_compressed_payloads():
+    alpha = 1e-3  # the latency dominates a 10 KB transfer at 1 Gbit/s
+    bandwidth = 1000 * MBIT
+    small = [1e4, 2.5e4]
+    est = LinkEstimator()
+    link = feed(est, small, bandwidth, steps=8, alpha=alpha)
+    assert link.bandwidth == pytest.approx(bandwidth, rel=1e-3)
+    assert link.alpha == pytest.approx(alpha, rel=1e-3)
+    naive = sum(small) / sum(timed(small, bandwidth, alpha))  # bytes / time, the prototype's estimate
+    assert naive < bandwidth / 5
+
+
+def test_estimator_holds_latency_when_only_one_size_is_left():
+    est = LinkEstimator(window_steps=4)
+    feed(est, DENSE, 100 * MBIT, steps=4)
+    # the probe stops (e.g. one bucket and no agreement timing): one size per step from now on
+    link = feed(est, [DENSE[1]], 100 * MBIT, steps=6, probe=False)
+    assert link.alpha == pytest.approx(ALPHA, rel=1e-6)
+    assert link.bandwidth == pytest.approx(100 * MBIT, rel=1e-6)
+    est.load_state_dict(est.state_dict())
+    assert est.compute() == link
+
+
+@pytest.mark.parametrize("where", ["first", "middle"])
+def test_estimator_ignores_one_outlying_step(where):
+    bandwidth = 100 * MBIT
+    est = LinkEstimator()
+    sizes = [*DENSE, PROBE]
+    if where == "first":  # connection set-up makes the first collectives slow
+        est.update(sizes, [20 * t for t in timed(sizes, bandwidth)])
+        link = feed(est, DENSE, bandwidth)
+    else:  # a straggler step
+        feed(est, DENSE, bandwidth, steps=6)
+        est.update(sizes, [t + 0.5 for t in timed(sizes, bandwidth)])
+        link = est.compute()
+    assert link.bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    assert link.alpha == pytest.approx(ALPHA, rel=1e-6)
+
+
+def test_estimator_window_expires_old_samples():
+    est = LinkEstimator(window_steps=3)
+    feed(est, DENSE, 1000 * MBIT, steps=3)
+    fast_max = est.compute().max_bandwidth
+    link = feed(est, DENSE, 10 * MBIT, steps=3)
+    assert link.max_bandwidth < fast_max / 50
+    assert link.samples == 9
+
+
+def test_estimator_state_dict_loads_with_weights_only():
+    est = LinkEstimator(window_steps=5, decay=0.8)
+    feed(est, DENSE, 50 * MBIT, steps=7)
+    buf = io.BytesIO()
+    torch.save(est.state_dict(), buf)
+    buf.seek(0)
+    other = LinkEstimator(window_steps=5, decay=0.8)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert other.compute() == est.compute()
+    est.reset()
+    assert est.compute().samples == 0
+
+
+def test_estimator_ignores_invalid_samples():
+    est = LinkEstimator()
+    est.update([1e6, 0.0, 1e6, PROBE], [math.nan, 1.0, -1.0, 1e-3])
+    assert est.compute().samples == 1
+    with pytest.raises(ValueError, match="sizes"):
+        est.update([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"window_steps": 0}, "window_steps"),
+        ({"window_steps": 2.5}, "window_steps"),
+        ({"decay": 0.0}, "decay"),
+        ({"decay": 1.5}, "decay"),
+        ({"min_size_ratio": 1.0}, "min_size_ratio"),
+    ],
+)
+def test_estimator_rejects_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        LinkEstimator(**kwargs)
