@@ -44,8 +44,9 @@ class ErrorFeedback:
             the input was not finite (the residual is then reset).
         """
         residual = compensated - sent
-        err2 = float(residual.double().pow(2).sum())
-        ref2 = float(compensated.double().pow(2).sum())
+        # float32 norms: a statistic, not arithmetic that feeds back (a float64 copy of a 25 MB bucket is not free)
+        err2 = float(torch.linalg.vector_norm(residual)) ** 2
+        ref2 = float(torch.linalg.vector_norm(compensated)) ** 2
         if not (math.isfinite(err2) and math.isfinite(ref2)):
             if self._residuals.pop(index, None) is not None:
                 self.resets += 1
@@ -62,7 +63,7 @@ class ErrorFeedback:
 
     def norm(self) -> float:
         """L2 norm of all residuals together."""
-        total = sum(float(r.double().pow(2).sum()) for r in self._residuals.values())
+        total = sum(float(torch.linalg.vector_norm(r)) ** 2 for r in self._residuals.values())
         return math.sqrt(total)
 
     def residual(self, index: int) -> Tensor | None:

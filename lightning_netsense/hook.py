@@ -105,6 +105,7 @@ class NetSenseState:
         "_mode_cost",
         "_last_boundary",
         "_probe",
+        "_calibrated",
         # statistics
         "last_observation",
         "last_local",
@@ -148,6 +149,7 @@ class NetSenseState:
         self._mode_cost: dict[str, float] = {}
         self._last_boundary: float | None = None
         self._probe: tuple[float, float] = (0.0, 0.0)
+        self._calibrated = False
         #: the observation the last decision was taken on (``None`` before the first boundary)
         self.last_observation: Observation | None = None
         #: this rank's own measurements at the last boundary, before the ranks agreed (``None`` before it)
@@ -195,8 +197,47 @@ class NetSenseState:
         if not rec.launch:
             return None
         self._record = _StepRecord()
-        local = self._local_observation(rec, time.perf_counter())
+        now = time.perf_counter()
+        if not self._calibrated and self.step >= self.warmup_steps - 1:
+            # Buckets are final now (DDP rebuilt them in this step's forward) and lossy modes start next step:
+            # price every candidate on the real layouts, so that an untried codec does not look free.
+            self.calibrate([self._layouts[i] for i in rec.index if i in self._layouts])
+        local = self._local_observation(rec, now)
         return self.decide_from(local, rec)
+
+    def calibrate(self, layouts: list[BucketLayout]) -> dict[str, float]:
+        """Time each candidate codec on ``layouts`` (random data, no communication); seed its cost per byte.
+
+        Runs compress, decompress and aggregate (on ``world_size`` copies of the payload) once per bucket, with
+        a private random generator so that training randomness is untouched. Each rank measures its own
+        cost; the agreement takes the maximum. Returns the measured seconds per dense byte, by mode.
+        """
+        self._calibrated = True
+        dense = sum(layout.numel for layout in layouts) * 4.0
+        if dense == 0:
+            return {}
+        gen = torch.Generator().manual_seed(0)
+        out = {}
+        for decision in (_PLAIN, *self.policy.candidates()):
+            if decision.mode in out or decision.mode not in self.codecs:
+                continue
+            codec = type(self.codecs[decision.mode])()
+            options = type(codec).validate_options(decision.options)
+            seconds = 0.0
+            for layout in layouts:
+                grad = torch.randn(layout.numel, generator=gen)
+                t0 = time.perf_counter()
+                payload, ctx = codec.compress(grad, layout, **options)
+                if codec.lossy:
+                    sent = codec.decompress(payload, ctx, layout)
+                    _error_terms(grad, sent)
+                collected = payload.clone() if codec.summable else payload.repeat(layout.world_size)
+                codec.aggregate(collected, ctx, layout)
+                seconds += time.perf_counter() - t0
+            out[decision.mode] = seconds / dense
+        for mode, cost in out.items():
+            self._mode_cost.setdefault(mode, cost)
+        return out
 
     def decide_from(self, local: LocalObservation, record: _StepRecord | None = None) -> Decision:
         """Share ``local`` with every rank, combine, update the estimator and run the policy (collective)."""
@@ -282,6 +323,7 @@ class NetSenseState:
             codec.reset()
         self._layouts.clear()
         self._last_boundary = None
+        self._calibrated = False
 
     # ------------------------------------------------------------------ internals
     def _collective_device(self) -> torch.device:
@@ -384,6 +426,11 @@ class NetSenseState:
         )
 
 
+def _error_terms(grad: Tensor, sent: Tensor) -> tuple[float, float]:
+    """``(||grad - sent||^2, ||grad||^2)`` as Python floats."""
+    return float(torch.linalg.vector_norm(grad - sent)) ** 2, float(torch.linalg.vector_norm(grad)) ** 2
+
+
 def _cuda_times(events: list[tuple[Any, Any]]) -> tuple[list[float], list[float]]:
     """Launch and end times (seconds, relative to the first launch) from CUDA event pairs.
 
@@ -437,8 +484,7 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
         if state.error_feedback:
             err2, ref2 = state.feedback.update(layout.index, grad, sent)
         else:
-            err2 = float((grad - sent).double().pow(2).sum())
-            ref2 = float(grad.double().pow(2).sum())
+            err2, ref2 = _error_terms(grad, sent)
         if math.isfinite(err2) and math.isfinite(ref2):
             rec.err2 += err2
             rec.ref2 += ref2

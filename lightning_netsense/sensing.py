@@ -176,19 +176,27 @@ class LinkEstimator:
         decay: weight ratio between a step and the one after it, in (0, 1]. Above 0.5 a single outlying step
             never holds the median; closer to 1, more steps are needed to follow a change.
         min_size_ratio: largest over smallest sample size (> 1) from which a step fits its own latency.
+        resolution: seconds (>= 0) below which the transfer time a step attributes to bandwidth is taken as
+            timer/scheduling noise (the step then votes "faster than measurable"). 1 ms suits gloo on CPU;
+            CUDA event timing resolves far less.
 
     Raises:
         ValueError: if an argument is out of range.
     """
 
-    def __init__(self, window_steps: int = 8, decay: float = 0.7, min_size_ratio: float = 2.0) -> None:
+    def __init__(
+        self, window_steps: int = 8, decay: float = 0.7, min_size_ratio: float = 2.0, resolution: float = 1e-3
+    ) -> None:
         if not isinstance(window_steps, int) or isinstance(window_steps, bool) or window_steps < 1:
             raise ValueError(f"Expected `window_steps` to be an integer >= 1, but got {window_steps!r}")
         if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 < decay <= 1.0:
             raise ValueError(f"Expected `decay` in (0, 1], but got {decay!r}")
         if not isinstance(min_size_ratio, (int, float)) or isinstance(min_size_ratio, bool) or not min_size_ratio > 1:
             raise ValueError(f"Expected `min_size_ratio` to be a number > 1, but got {min_size_ratio!r}")
+        if not isinstance(resolution, (int, float)) or isinstance(resolution, bool) or not resolution >= 0:
+            raise ValueError(f"Expected `resolution` to be a number of seconds >= 0, but got {resolution!r}")
         self.window_steps = window_steps
+        self.resolution = float(resolution)
         self.decay = float(decay)
         self.min_size_ratio = float(min_size_ratio)
         self._steps: deque[tuple[tuple[float, ...], tuple[float, ...]]] = deque(maxlen=window_steps)
@@ -218,7 +226,7 @@ class LinkEstimator:
         alpha = self._alpha()
         if alpha is None:
             alpha = self._held_alpha
-        betas = [step_fit(b, s, alpha, self.min_size_ratio)[1] for b, s, _ in steps]
+        betas = [self._resolved_beta(b, s, alpha) for b, s, _ in steps]
         beta = weighted_median(betas, [w for _, _, w in steps])
         all_b = [x for b, _, _ in steps for x in b]
         all_s = [x for _, s, _ in steps for x in s]
@@ -229,6 +237,19 @@ class LinkEstimator:
             min_rtt=min(all_s),
             samples=len(all_b),
         )
+
+    def _resolved_beta(self, nbytes: tuple[float, ...], seconds: tuple[float, ...], alpha: float | None) -> float:
+        """A step's seconds per byte, or 0 ("faster than measurable") when its transfer time is below resolution.
+
+        The time a step attributes to bandwidth is ``beta_j`` times the size spread it was fitted over. Below
+        ``resolution`` that is scheduler and timer noise: on a fast link, or with tiny compressed payloads, a
+        noise-made slope would read as a slow link and keep compression on for good. Such a step votes
+        "fast" instead; the policy then probes less compression and the larger payloads measure the link.
+        On a slow link even compressed payloads take long enough to resolve, so a drop is seen at once.
+        """
+        beta = step_fit(nbytes, seconds, alpha, self.min_size_ratio)[1]
+        spread = max(nbytes) - (min(nbytes) if max(nbytes) >= self.min_size_ratio * min(nbytes) else 0.0)
+        return beta if beta * spread >= self.resolution else 0.0
 
     def _alpha(self) -> float | None:
         """Weighted median of the latencies fitted by the window's steps (``None`` if no step could fit one)."""
@@ -262,5 +283,5 @@ class LinkEstimator:
     def __repr__(self) -> str:
         return (
             f"LinkEstimator(window_steps={self.window_steps}, decay={self.decay:g}, "
-            f"min_size_ratio={self.min_size_ratio:g})"
+            f"min_size_ratio={self.min_size_ratio:g}, resolution={self.resolution:g})"
         )
