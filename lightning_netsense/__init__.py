@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_netsense.adaptive import NetSensePolicy
 from lightning_netsense.aimd import AIMDPolicy
+from lightning_netsense.callback import NetSenseMonitor
 from lightning_netsense.codecs import CODECS, Codec
 from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.observation import MODE_CODES, CodecProfile, Decision, LinkEstimate, Observation
@@ -29,6 +30,7 @@ __all__ = [
     "FixedPolicy",
     "LinkEstimate",
     "LinkEstimator",
+    "NetSenseMonitor",
     "NetSensePolicy",
     "NetSenseState",
     "NetSenseStrategy",

@@ -28,6 +28,7 @@ from lightning_netsense.observation import (
     LocalObservation,
     Observation,
     allgather_wire_bytes,
+    allreduce_wire_bytes,
     combine_locals,
     pack_local,
     unpack_locals,
@@ -41,6 +42,8 @@ __all__ = ["NetSenseState", "netsense_hook"]
 log = logging.getLogger(__name__)
 
 _PLAIN = Decision("none")
+# torch 2.13 renamed all_gather_into_tensor (which now warns on every call); same semantics and gloo future
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # weight of the newest measurement in a codec's running cost per byte
 _COST_EMA = 0.3
 
@@ -82,6 +85,12 @@ class NetSenseState:
         warmup_steps: steps forced to plain allreduce. DDP rebuilds its buckets after the first step, so
             per-bucket residuals and warm starts are only meaningful from then on; must be >= 2.
         estimator: the link estimator (default: :class:`LinkEstimator` with its defaults).
+        probe_every: while a lossy mode runs, probe the bandwidth every this many steps (0: never). Compressed
+            payloads are too small to measure a link that has recovered (their time is latency and scheduler
+            noise), so the state sends one ``all_reduce`` of a probe buffer at the step boundary, sized to take
+            about ``probe_fraction`` of a step at the believed bandwidth and doubled while the link answers
+            faster than believed (as TCP's slow start), up to the largest bucket.
+        probe_fraction: share of a step time one probe may take at the believed bandwidth, in (0, 1].
 
     Raises:
         ValueError: if an argument is of the wrong type or out of range.
@@ -92,6 +101,8 @@ class NetSenseState:
         "policy",
         "error_feedback",
         "warmup_steps",
+        "probe_every",
+        "probe_fraction",
         # internal state
         "process_group",
         "codecs",
@@ -105,6 +116,9 @@ class NetSenseState:
         "_mode_cost",
         "_last_boundary",
         "_probe",
+        "_plain_until",
+        "_bw_probe",
+        "_probe_bytes",
         "_calibrated",
         # statistics
         "last_observation",
@@ -121,6 +135,8 @@ class NetSenseState:
         error_feedback: bool = True,
         warmup_steps: int = 2,
         estimator: LinkEstimator | None = None,
+        probe_every: int = 2,
+        probe_fraction: float = 0.05,
     ) -> None:
         policy = FixedPolicy() if policy is None else policy
         if not isinstance(policy, Policy):
@@ -130,11 +146,20 @@ class NetSenseState:
                 f"Expected `warmup_steps` to be an integer >= 2 (DDP rebuilds buckets after step 1), "
                 f"but got {warmup_steps!r}"
             )
+        if not isinstance(probe_every, int) or isinstance(probe_every, bool) or probe_every < 0:
+            raise ValueError(f"Expected `probe_every` to be an integer >= 0 (0 disables probing), but got {probe_every!r}")
+        if isinstance(probe_fraction, bool) or not isinstance(probe_fraction, (int, float)) or not 0 < probe_fraction <= 1:
+            raise ValueError(f"Expected `probe_fraction` in (0, 1], but got {probe_fraction!r}")
         if not isinstance(error_feedback, bool):
             raise ValueError(f"Expected `error_feedback` to be a bool, but got {error_feedback!r}")
         self.policy = policy
         self.error_feedback = error_feedback
         self.warmup_steps = warmup_steps
+        self.probe_every = probe_every
+        self.probe_fraction = float(probe_fraction)
+        # steps before this one run plain allreduce: DDP rebuilds its buckets after the first iteration of every
+        # wrapper, so a resumed run needs the warm-up again (see load_state_dict)
+        self._plain_until = warmup_steps
         self.process_group = process_group
         self.codecs: dict[str, Codec] = {name: cls() for name, cls in CODECS.items()}
         self.feedback = ErrorFeedback()
@@ -150,6 +175,8 @@ class NetSenseState:
         self._last_boundary: float | None = None
         self._probe: tuple[float, float] = (0.0, 0.0)
         self._calibrated = False
+        self._bw_probe: tuple[float, float] = (0.0, 0.0)
+        self._probe_bytes = 0
         #: the observation the last decision was taken on (``None`` before the first boundary)
         self.last_observation: Observation | None = None
         #: this rank's own measurements at the last boundary, before the ranks agreed (``None`` before it)
@@ -181,7 +208,7 @@ class NetSenseState:
     @property
     def active_decision(self) -> Decision:
         """The decision the hook applies in the current step (plain allreduce during warm-up)."""
-        return _PLAIN if self.step < self.warmup_steps else self.decision
+        return _PLAIN if self.step < self._plain_until else self.decision
 
     def begin_backward(self) -> None:
         """Mark the start of a backward pass (the strategy calls this; otherwise the first hook call is used)."""
@@ -198,7 +225,7 @@ class NetSenseState:
             return None
         self._record = _StepRecord()
         now = time.perf_counter()
-        if not self._calibrated and self.step >= self.warmup_steps - 1:
+        if not self._calibrated and self.step >= self._plain_until - 1:
             # Buckets are final now (DDP rebuilt them in this step's forward) and lossy modes start next step:
             # price every candidate on the real layouts, so that an untried codec does not look free.
             self.calibrate([self._layouts[i] for i in rec.index if i in self._layouts])
@@ -250,7 +277,7 @@ class NetSenseState:
         device = self._collective_device()
         if device.type != "cpu":
             packed, gathered = packed.to(device), gathered.to(device)
-        dist.all_gather_into_tensor(gathered, packed, group=self.process_group)
+        _all_gather(gathered, packed, group=self.process_group)
         gathered = gathered.cpu()
         self._probe = (allgather_wire_bytes(packed.numel() * 8, world), time.perf_counter() - t0)
         agreed = combine_locals(unpack_locals(gathered, world))
@@ -260,6 +287,10 @@ class NetSenseState:
         if agreed.probe_seconds > 0:
             samples_b.append(agreed.probe_wire_bytes)
             samples_s.append(agreed.probe_seconds)
+        if agreed.bw_probe_seconds > 0:
+            samples_b.append(agreed.bw_probe_wire_bytes)
+            samples_s.append(agreed.bw_probe_seconds)
+        believed = self.estimator.compute()
         self.estimator.update(samples_b, samples_s)
         layouts = self._step_layouts(record)
         observation = Observation(
@@ -281,6 +312,14 @@ class NetSenseState:
             codecs=self._profiles(layouts, agreed.mode_errors, agreed.mode_seconds_per_byte),
         )
         decision = self._validated(self.policy.decide(observation))
+        self._bw_probe = (0.0, 0.0)
+        if (
+            self.probe_every
+            and self.codecs[decision.mode].lossy
+            and self.step + 1 >= self._plain_until
+            and (self.step + 1 - self._plain_until) % self.probe_every == 0
+        ):
+            self._probe_bandwidth(observation, believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
         self.last_observation = observation
         self.last_local = local
         self.mode_steps[used.mode] = self.mode_steps.get(used.mode, 0) + 1
@@ -289,6 +328,28 @@ class NetSenseState:
         self.step += 1
         self.decision = decision
         return decision
+
+    def _probe_bandwidth(self, obs: Observation, believed: Any, last_wire: float, last_seconds: float) -> None:
+        """Time one ``all_reduce`` of a probe buffer (collective; sized from agreed values only).
+
+        Every input of the size is identical on every rank (a size that differed would make gloo hang).
+        """
+        largest = max(obs.bucket_bytes, default=0)
+        if largest <= 0:
+            return
+        floor = min(64 * 1024, largest)
+        step = max(obs.step_time, obs.backward_time)
+        size = believed.bandwidth * self.probe_fraction * step if math.isfinite(believed.bandwidth) else largest
+        if last_seconds > 0 and last_seconds < 0.5 * believed.time(last_wire):
+            size = max(size, 2.0 * self._probe_bytes)  # the link answered faster than believed: probe further
+        size = int(min(max(size, floor), largest)) // 4 * 4
+        self._probe_bytes = size
+        buf = torch.zeros(size // 4, device=self._collective_device())
+        t0 = time.perf_counter()
+        dist.all_reduce(buf, group=self.process_group)
+        if buf.is_cuda:
+            torch.cuda.synchronize(buf.device)
+        self._bw_probe = (allreduce_wire_bytes(size, obs.world_size), time.perf_counter() - t0)
 
     def state_dict(self) -> dict[str, Any]:
         """Decision state for checkpoints: plain values only (loads with ``torch.load(weights_only=True)``).
@@ -306,6 +367,7 @@ class NetSenseState:
             "mode_steps": dict(self.mode_steps),
             "total_bytes_sent": self.total_bytes_sent,
             "total_dense_bytes": self.total_dense_bytes,
+            "probe_bytes": self._probe_bytes,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -318,11 +380,14 @@ class NetSenseState:
         self.mode_steps = {str(k): int(v) for k, v in state.get("mode_steps", {}).items()}
         self.total_bytes_sent = float(state.get("total_bytes_sent", 0.0))
         self.total_dense_bytes = float(state.get("total_dense_bytes", 0.0))
+        self._probe_bytes = int(state.get("probe_bytes", 0))
         self.feedback.reset()
         for codec in self.codecs.values():
             codec.reset()
         self._layouts.clear()
         self._last_boundary = None
+        # a fresh DDP wrapper rebuilds its buckets after its first iteration: no lossy step (or residual) before
+        self._plain_until = self.step + self.warmup_steps
         self._calibrated = False
 
     # ------------------------------------------------------------------ internals
@@ -419,6 +484,8 @@ class NetSenseState:
             residual_norm=self.feedback.norm() if self.error_feedback else 0.0,
             probe_wire_bytes=self._probe[0],
             probe_seconds=self._probe[1],
+            bw_probe_wire_bytes=self._bw_probe[0],
+            bw_probe_seconds=self._bw_probe[1],
             bucket_wire_bytes=list(rec.wire),
             bucket_seconds=seconds,
             mode_errors=[self._mode_errors.get(m, math.nan) for m in modes],
@@ -513,7 +580,7 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
     if codec.summable:
         work = dist.all_reduce(payload, group=group, async_op=True)
     else:
-        work = dist.all_gather_into_tensor(collected, payload, group=group, async_op=True)
+        work = _all_gather(collected, payload, group=group, async_op=True)
 
     def finish(fut: torch.futures.Future) -> Tensor:
         fut.value()  # re-raises a failed collective so that DDP reports it instead of averaging garbage

@@ -192,6 +192,8 @@ class LocalObservation:
         residual_norm: norm of the error-feedback memory after this step.
         probe_wire_bytes: wire bytes of the previous agreement collective (a tiny, latency-only sample).
         probe_seconds: its duration (0 when there was none).
+        bw_probe_wire_bytes: wire bytes of the previous bandwidth probe (see ``NetSenseState``), 0 if none.
+        bw_probe_seconds: its duration.
         bucket_wire_bytes: per bucket, wire bytes of its collective (at most :data:`SAMPLE_SLOTS` once shared).
         bucket_seconds: per bucket, queue-corrected duration of its collective.
         mode_errors: per mode (in the state's mode order), last relative error, ``nan`` if never run.
@@ -209,6 +211,8 @@ class LocalObservation:
     residual_norm: float = 0.0
     probe_wire_bytes: float = 0.0
     probe_seconds: float = 0.0
+    bw_probe_wire_bytes: float = 0.0
+    bw_probe_seconds: float = 0.0
     bucket_wire_bytes: list[float] = field(default_factory=list)
     bucket_seconds: list[float] = field(default_factory=list)
     mode_errors: list[float] = field(default_factory=list)
@@ -227,6 +231,8 @@ _SCALARS = (
     "residual_norm",
     "probe_wire_bytes",
     "probe_seconds",
+    "bw_probe_wire_bytes",
+    "bw_probe_seconds",
 )
 
 #: Collective samples shared per step. More buckets than this are merged, a group of adjacent collectives
@@ -329,6 +335,8 @@ class AgreedMeasurements:
     residual_norm: float
     probe_wire_bytes: float
     probe_seconds: float
+    bw_probe_wire_bytes: float
+    bw_probe_seconds: float
     bucket_wire_bytes: tuple[float, ...]
     bucket_seconds: tuple[float, ...]
     mode_errors: tuple[float, ...]
@@ -359,6 +367,8 @@ def combine_locals(locals_: Sequence[LocalObservation]) -> AgreedMeasurements:
         residual_norm=math.sqrt(_nanmean([o.residual_norm**2 for o in locals_])),
         probe_wire_bytes=max(o.probe_wire_bytes for o in locals_),
         probe_seconds=min(o.probe_seconds for o in locals_),
+        bw_probe_wire_bytes=max(o.bw_probe_wire_bytes for o in locals_),
+        bw_probe_seconds=min(o.bw_probe_seconds for o in locals_),
         bucket_wire_bytes=tuple(max(o.bucket_wire_bytes[b] for o in locals_) for b in range(nb)),
         bucket_seconds=tuple(min(o.bucket_seconds[b] for o in locals_) for b in range(nb)),
         mode_errors=tuple(_nanmean([o.mode_errors[m] for o in locals_]) for m in range(nm)),

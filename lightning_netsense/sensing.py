@@ -162,8 +162,9 @@ class LinkEstimator:
        next to the buckets pin ``alpha_j``, so heavily compressed traffic still measures ``beta_j`` instead of
        collapsing the bandwidth into latency (``bytes / t`` would, once ``t`` is mostly latency);
     2. takes the weighted median over the window of ``alpha_j`` (steps that could fit it; else the last
-       fitted value is held) and of ``beta_j`` (steps that could not fit alpha subtract that estimate), each
-       step weighted ``decay ** age``.
+       fitted value is held; never above the window's fastest collective) and of ``beta_j`` (steps that could
+       not fit alpha subtract that estimate), each step weighted ``decay ** age``, and for ``beta_j`` also by
+       the largest payload it moved (a compressed step's few kilobytes carry little information on the link).
 
     The weighted median is why one straggler or a first-step connection set-up does not move the estimate
     (with ``decay > 0.5`` no single step holds half the weight) while a real change of the link - a drop or a
@@ -223,13 +224,19 @@ class LinkEstimator:
         steps = [(b, s, self.decay**age) for age, (b, s) in enumerate(reversed(self._steps)) if b]
         if not steps:
             return LinkEstimate()
+        all_b = [x for b, _, _ in steps for x in b]
+        all_s = [x for _, s, _ in steps for x in s]
         alpha = self._alpha()
         if alpha is None:
             alpha = self._held_alpha
+        if alpha is not None:
+            # t = alpha + b / B >= alpha for every sample: a slow, tiny collective (the boundary's agreement,
+            # delayed by the scheduler) must not push the latency above what a whole bucket took
+            alpha = min(alpha, min(all_s))
         betas = [self._resolved_beta(b, s, alpha) for b, s, _ in steps]
-        beta = weighted_median(betas, [w for _, _, w in steps])
-        all_b = [x for b, _, _ in steps for x in b]
-        all_s = [x for _, s, _ in steps for x in s]
+        # A step informs the slope in proportion to the bytes it moved: a compressed step's few kilobytes are
+        # mostly latency and noise, a dense step's megabytes are mostly transfer.
+        beta = weighted_median(betas, [w * max(b) for b, _, w in steps])
         return LinkEstimate(
             alpha=0.0 if alpha is None else alpha,
             bandwidth=math.inf if beta <= 0 else 1.0 / beta,

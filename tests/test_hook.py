@@ -167,3 +167,31 @@ def test_non_finite_gradient_reaches_every_rank(dist_pool, mode):
     for rank in range(2):
         assert out[rank]["finite"] == [True, True, True, False]
         assert out[rank]["residual_finite"]
+
+
+def _probing(probe_every: int) -> dict:
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
+    state = NetSenseState(policy=FixedPolicy(mode="bf16"), probe_every=probe_every)
+    ddp.register_comm_hook(state, netsense_hook)
+    sizes, samples = [], []
+    for step in range(7):
+        x, y = _batch(dist.get_rank(), step)
+        ddp.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        state.end_step()
+        sizes.append(state._probe_bytes)
+        samples.append(state._bw_probe[0])
+    return {"sizes": sizes, "wire": samples, "estimator": state.estimator.state_dict()}
+
+
+@pytest.mark.slow
+def test_bandwidth_probe_runs_while_compressed_with_agreed_sizes(dist_pool):
+    out = dist_pool.run(_probing, 2)
+    assert out[0]["sizes"] == out[1]["sizes"]  # sized from agreed values only: a mismatch would hang gloo
+    assert out[0]["estimator"] == out[1]["estimator"]
+    probed = [w > 0 for w in out[0]["wire"]]
+    # warm-up boundaries 0 and 1 probe nothing (plain mode next); from step 1's boundary on, every 2nd step
+    assert probed == [False, True, False, True, False, True, False]
+    never = dist_pool.run(_probing, 0)
+    assert not any(w > 0 for w in never[0]["wire"])

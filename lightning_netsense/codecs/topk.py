@@ -1,0 +1,119 @@
+"""Top-k sparsification: the largest magnitudes with their signs, values and indices in one allgather.
+
+Sparse payloads cannot be summed by allreduce (ranks keep different indices), so each rank sends ``k`` float32
+values bit-cast to int32 followed by their ``k`` int32 indices - one tensor, one ``all_gather_into_tensor`` - and
+every rank accumulates all of them with ``index_add_``: an index kept by several ranks adds up (the prototype
+this project replaces overwrote duplicates and dropped signs).
+
+Selection is exact. On CPU ``torch.topk`` over a whole bucket is slow (0.18 s for 25 MB at 1 %), so large
+buckets first estimate the threshold from a random sample, as DGC does, keep every element at or above it and
+run ``torch.topk`` on those candidates only (about 7x faster); if the sample overestimated the threshold and
+fewer than ``k`` candidates remain, it falls back to ``torch.topk`` on everything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_netsense.codecs.base import BucketLayout, Codec
+
+__all__ = ["TopKCodec", "select_topk", "topk_count"]
+
+# buckets smaller than this use torch.topk directly: sampling would cost more than it saves
+_SAMPLE_MIN_NUMEL = 1 << 16
+# sample size as a fraction of the bucket, and the margin on the sampled quantile (more candidates, fewer fallbacks)
+_SAMPLE_FRACTION = 0.01
+_SAMPLE_MARGIN = 1.5
+
+
+def topk_count(numel: int, density: float) -> int:
+    """Elements kept: ``max(1, ceil(density * numel))``."""
+    return max(1, math.ceil(density * numel))
+
+
+def select_topk(magnitude: Tensor, k: int, method: str = "sampled", generator: torch.Generator | None = None) -> Tensor:
+    """Indices of the ``k`` largest entries of ``magnitude`` (1-D, non-negative or NaN), in no particular order.
+
+    NaN counts as the largest value (as in ``torch.topk``), so a NaN gradient is always sent.
+
+    Args:
+        magnitude: ``|x|`` of the flat gradient.
+        k: number of indices, ``1 <= k <= magnitude.numel()``.
+        method: ``"exact"`` (``torch.topk`` on everything) or ``"sampled"`` (threshold from a sample first; the
+            result is the same set up to ties).
+        generator: CPU generator of the sample (a private one keeps the training's global RNG untouched).
+    """
+    if method not in ("exact", "sampled"):
+        raise ValueError(f"Expected `method` to be 'exact' or 'sampled', but got {method!r}")
+    n = magnitude.numel()
+    # on a GPU torch.topk is fast and a sample would draw from the device's global generator
+    if method == "exact" or n < _SAMPLE_MIN_NUMEL or k * 4 > n or magnitude.device.type != "cpu":
+        return torch.topk(magnitude, k, sorted=False).indices
+    ns = min(n, max(4096, int(n * _SAMPLE_FRACTION)))
+    sample = magnitude[torch.randint(0, n, (ns,), generator=generator)]
+    ks = min(ns, math.ceil(ns * k / n * _SAMPLE_MARGIN) + 8)
+    threshold = torch.topk(sample, ks, sorted=False).values.min()
+    # `not (x < t)` rather than `x >= t`: keeps NaN among the candidates
+    candidates = torch.logical_not(magnitude < threshold).nonzero().squeeze(1)
+    if candidates.numel() < k:
+        return torch.topk(magnitude, k, sorted=False).indices
+    if candidates.numel() == k:
+        return candidates
+    return candidates[torch.topk(magnitude[candidates], k, sorted=False).indices]
+
+
+class TopKCodec(Codec):
+    """Keep the ``k = max(1, ceil(density * numel))`` largest-magnitude elements of the bucket, with signs.
+
+    The aggregate is ``sum over ranks of the kept values, scattered and added / world_size``; with error feedback
+    what was not kept is sent in later steps.
+
+    Options:
+        density: fraction of elements kept, in (0, 1].
+    """
+
+    name = "topk"
+    summable = False
+    default_options: Mapping[str, Any] = {"density": 0.01}
+
+    def __init__(self) -> None:
+        # private: the sample must not advance the training's global RNG (it would change shuffling/dropout)
+        self._generator = torch.Generator().manual_seed(0x70F)
+
+    @classmethod
+    def _check_options(cls, options: Mapping[str, Any]) -> None:
+        density = options["density"]
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ValueError(f"Expected `density` to be a number in (0, 1], but got {density!r}")
+
+    def payload_bytes(self, layout: BucketLayout, **options: Any) -> int:
+        density = float(options.get("density", self.default_options["density"]))
+        return 8 * topk_count(layout.numel, density)
+
+    def compress(self, tensor: Tensor, layout: BucketLayout, **options: Any) -> tuple[Tensor, Any]:
+        density = float(options.get("density", self.default_options["density"]))
+        flat = tensor.reshape(-1).float()
+        k = topk_count(flat.numel(), density)
+        indices = select_topk(flat.abs(), k, generator=self._generator)
+        values = flat[indices]
+        payload = torch.cat([values.view(torch.int32), indices.to(torch.int32)])
+        return payload, k
+
+    def decompress(self, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
+        k = ctx
+        out = torch.zeros(layout.numel, dtype=torch.float32, device=payload.device)
+        return out.index_put_((payload[k:].long(),), payload[:k].view(torch.float32))
+
+    def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
+        k = ctx
+        rows = collected.view(layout.world_size, 2 * k)
+        values = rows[:, :k].reshape(-1).view(torch.float32)
+        indices = rows[:, k:].reshape(-1).long()
+        out = torch.zeros(layout.numel, dtype=torch.float32, device=collected.device)
+        # index_add_ accumulates duplicates (an index kept by several ranks); index_put_ would keep only one
+        return out.index_add_(0, indices, values).div_(layout.world_size)
