@@ -56,7 +56,7 @@ class NetSensePolicy(Policy):
     4. if none fits, predict each step time ``base + max(0, comm(m) - budget)`` (``base`` = the step without
        its exposed communication) and take the least lossy mode within ``tolerance`` of the fastest.
 
-    Hysteresis: a *more* compressing mode is adopted at once (the current one no longer fits); a *less*
+    Hysteresis: a *more* compressing mode is adopted once ``confirm`` observations in a row ask for it; a *less*
     compressing one only after it has fitted with ``margin`` (budget and tolerance scaled by ``1 - margin``)
     for ``patience`` consecutive steps. A relaxation undone within ``patience + 2`` steps (the estimator needs
     about two steps to confirm a change) doubles the patience of the next one, up to ``max_patience`` (back
@@ -77,6 +77,7 @@ class NetSensePolicy(Policy):
         patience: consecutive steps a less compressing mode must fit before it is adopted, >= 1.
         max_patience: cap of the doubled patience, >= ``patience``.
         tolerance: relative step-time slack within which a less lossy mode is preferred when none fits, >= 0.
+        confirm: consecutive observations (>= 1) that must ask for more compression before it is adopted.
         prior_errors: overrides of :data:`PRIOR_REL_ERROR`, mode -> relative error >= 0.
 
     Raises:
@@ -98,6 +99,7 @@ class NetSensePolicy(Policy):
         patience: int = 5,
         max_patience: int = 64,
         tolerance: float = 0.05,
+        confirm: int = 2,
         prior_errors: Mapping[str, float] | None = None,
     ) -> None:
         if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
@@ -123,6 +125,8 @@ class NetSensePolicy(Policy):
             raise ValueError(
                 f"Expected `max_patience` to be an integer >= `patience` ({patience}), but got {max_patience!r}"
             )
+        if not _is_int(confirm) or confirm < 1:
+            raise ValueError(f"Expected `confirm` to be an integer >= 1, but got {confirm!r}")
         if not _is_number(tolerance) or tolerance < 0:
             raise ValueError(f"Expected `tolerance` to be a number >= 0, but got {tolerance!r}")
         priors = dict(PRIOR_REL_ERROR)
@@ -139,6 +143,7 @@ class NetSensePolicy(Policy):
         self.patience = patience
         self.max_patience = max_patience
         self.tolerance = float(tolerance)
+        self.confirm = confirm
         self.priors = priors
         self._decisions = {m: Decision(m, self._options(m)) for m in self.modes}
         self.reset()
@@ -153,6 +158,8 @@ class NetSensePolicy(Policy):
         # steps left in which undoing the last relaxation counts as a failed relaxation, and the mode it left
         self._probation = 0
         self._relaxed_from: str | None = None
+        # consecutive observations asking for more compression than the current mode
+        self._escalate = 0
 
     def _options(self, mode: str) -> dict[str, float]:
         if mode == "topk":
@@ -219,11 +226,16 @@ class NetSensePolicy(Policy):
         self._probation = max(0, self._probation - 1)
         current_ok = current in profiles and self.rel_error(profiles[current]) <= self.max_rel_error
         if not current_ok or order.index(target) > order.index(current):
-            # the current mode no longer fits (or is gone): compress more at once
+            # the current mode no longer fits: compress more once `confirm` observations in a row say so (one
+            # step's stall on a loaded machine moves the estimate for a step; a slow link persists)
+            self._escalate += 1
+            if current_ok and self._escalate < self.confirm:
+                return self._decisions[self._mode]
             if current_ok and in_probation:  # the last relaxation was a mistake: probe less often
                 self._patience_now = min(2 * self._patience_now, self.max_patience)
             self._switch(target)
             return self._decisions[self._mode]
+        self._escalate = 0
         # No revert on one measured step alone: a single slow collective is as often a scheduler stall as a slow
         # link (seen on a loaded 2-core machine: 0.11 s for 1 MB at 1 Gbit/s). The step's samples go through the
         # estimator's weighted median like any other; a really slow link turns the rule above within two steps.
@@ -248,6 +260,7 @@ class NetSensePolicy(Policy):
 
     def _switch(self, mode: str) -> None:
         self._mode = mode
+        self._escalate = 0
         self._streak, self._streak_target = 0, None
         self._probation = 0
 
@@ -259,6 +272,7 @@ class NetSensePolicy(Policy):
             "streak_target": self._streak_target,
             "patience_now": self._patience_now,
             "probation": self._probation,
+            "escalate": self._escalate,
             "relaxed_from": self._relaxed_from,
         }
 
@@ -270,6 +284,7 @@ class NetSensePolicy(Policy):
         self._streak_target = str(target) if target in self.modes else None
         self._patience_now = min(max(int(state.get("patience_now", self.patience)), self.patience), self.max_patience)
         self._probation = int(state.get("probation", 0))
+        self._escalate = int(state.get("escalate", 0))
         relaxed_from = state.get("relaxed_from")
         self._relaxed_from = str(relaxed_from) if relaxed_from in self.modes else None
 

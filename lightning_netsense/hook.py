@@ -311,7 +311,12 @@ class NetSenseState:
             link=self.estimator.compute(),
             codecs=self._profiles(layouts, agreed.mode_errors, agreed.mode_seconds_per_byte),
         )
-        decision = self._validated(self.policy.decide(observation))
+        if self.step + 1 < self._plain_until:
+            # the next step is forced plain (warm-up): do not let the policy commit its hysteresis to a decision
+            # that cannot take effect, taken before the codecs' costs were calibrated
+            decision = self.decision
+        else:
+            decision = self._validated(self.policy.decide(observation))
         self._bw_probe = (0.0, 0.0)
         if (
             self.probe_every

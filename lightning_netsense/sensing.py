@@ -180,13 +180,20 @@ class LinkEstimator:
         resolution: seconds (>= 0) below which the transfer time a step attributes to bandwidth is taken as
             timer/scheduling noise (the step then votes "faster than measurable"). 1 ms suits gloo on CPU;
             CUDA event timing resolves far less.
+        max_filter_steps: a step among this many recent ones (>= 1) whose transfer time was below
+            ``resolution`` makes the estimate "faster than measurable" (infinite), whatever the median says.
 
     Raises:
         ValueError: if an argument is out of range.
     """
 
     def __init__(
-        self, window_steps: int = 8, decay: float = 0.7, min_size_ratio: float = 2.0, resolution: float = 1e-3
+        self,
+        window_steps: int = 8,
+        decay: float = 0.7,
+        min_size_ratio: float = 2.0,
+        resolution: float = 1e-3,
+        max_filter_steps: int = 3,
     ) -> None:
         if not isinstance(window_steps, int) or isinstance(window_steps, bool) or window_steps < 1:
             raise ValueError(f"Expected `window_steps` to be an integer >= 1, but got {window_steps!r}")
@@ -196,6 +203,9 @@ class LinkEstimator:
             raise ValueError(f"Expected `min_size_ratio` to be a number > 1, but got {min_size_ratio!r}")
         if not isinstance(resolution, (int, float)) or isinstance(resolution, bool) or not resolution >= 0:
             raise ValueError(f"Expected `resolution` to be a number of seconds >= 0, but got {resolution!r}")
+        if not isinstance(max_filter_steps, int) or isinstance(max_filter_steps, bool) or max_filter_steps < 1:
+            raise ValueError(f"Expected `max_filter_steps` to be an integer >= 1, but got {max_filter_steps!r}")
+        self.max_filter_steps = max_filter_steps
         self.window_steps = window_steps
         self.resolution = float(resolution)
         self.decay = float(decay)
@@ -237,6 +247,13 @@ class LinkEstimator:
         # A step informs the slope in proportion to the bytes it moved: a compressed step's few kilobytes are
         # mostly latency and noise, a dense step's megabytes are mostly transfer.
         beta = weighted_median(betas, [w * max(b) for b, _, w in steps])
+        # A max filter for what medians handle badly: delay spikes (a stalled backend thread on a loaded
+        # machine) only ever make a step look slower, and when they cluster they outvote the steps whose
+        # transfer was too fast to measure. A step of the last `max_filter_steps` that could not resolve any
+        # transfer time shows the link faster than measurable at its sizes: take that. Steps that resolve a
+        # rate stay with the median (a tbf burst makes single steps look faster than the link).
+        if any(b == 0.0 for b in betas[: self.max_filter_steps]):
+            beta = 0.0
         return LinkEstimate(
             alpha=0.0 if alpha is None else alpha,
             bandwidth=math.inf if beta <= 0 else 1.0 / beta,
@@ -290,5 +307,6 @@ class LinkEstimator:
     def __repr__(self) -> str:
         return (
             f"LinkEstimator(window_steps={self.window_steps}, decay={self.decay:g}, "
-            f"min_size_ratio={self.min_size_ratio:g}, resolution={self.resolution:g})"
+            f"min_size_ratio={self.min_size_ratio:g}, resolution={self.resolution:g}, "
+            f"max_filter_steps={self.max_filter_steps})"
         )

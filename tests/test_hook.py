@@ -88,6 +88,7 @@ class _ThresholdPolicy(Policy):
 def _agree_on_injected(mismatch: bool = False) -> dict:
     rank = dist.get_rank()
     state = NetSenseState(policy=_ThresholdPolicy())
+    state.step = state.warmup_steps  # past warm-up: the policy is consulted
     # the ranks saw different things: only rank 0 had a slow backward pass, and they timed the same
     # two collectives differently (rank 1 reached them early and also timed its wait)
     local = LocalObservation(

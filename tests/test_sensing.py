@@ -156,7 +156,7 @@ def test_estimator_from_queued_collectives():
     assert est.compute().bandwidth < 0.9 * bandwidth
 
 
-def test_estimator_follows_a_drop_and_a_recovery_within_two_steps():
+def test_estimator_follows_a_drop_within_two_steps_and_a_recovery():
     est = LinkEstimator()
     feed(est, DENSE, 1000 * MBIT, steps=8)
     after_one = feed(est, DENSE, 20 * MBIT)
@@ -167,13 +167,13 @@ def test_estimator_follows_a_drop_and_a_recovery_within_two_steps():
     small = [b / 100 for b in DENSE]
     feed(est, small, 20 * MBIT, steps=4)
     assert est.compute().bandwidth == pytest.approx(20 * MBIT, rel=0.01)
-    # the link recovers; compressed payloads alone (0.24 ms of transfer, below the timer's resolution) carry
-    # too few bytes to outvote the dense measurements still in the window ...
-    assert feed(est, small, 1000 * MBIT).bandwidth == pytest.approx(20 * MBIT, rel=0.01)
-    # ... the state's bandwidth probe (one larger all_reduce at the boundary) measures the recovery
+    # the link recovers; compressed payloads alone (0.24 ms of transfer, below the timer's resolution) vote
+    # "faster than measurable", which the max filter takes as "at least this fast" ...
+    assert feed(est, small, 1000 * MBIT).bandwidth >= 1000 * MBIT
+    # ... and the state's bandwidth probe (one larger all_reduce at the boundary) measures it
     probe = [*small, 2e6]
-    feed(est, probe, 1000 * MBIT)
-    recovered = feed(est, probe, 1000 * MBIT)
+    for _ in range(3):  # once the last "unmeasurable" step has left the max filter
+        recovered = feed(est, probe, 1000 * MBIT)
     assert recovered.bandwidth == pytest.approx(1000 * MBIT, rel=0.01)
 
 
