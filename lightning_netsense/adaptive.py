@@ -77,7 +77,9 @@ class NetSensePolicy(Policy):
         patience: consecutive steps a less compressing mode must fit before it is adopted, >= 1.
         max_patience: cap of the doubled patience, >= ``patience``.
         tolerance: relative step-time slack within which a less lossy mode is preferred when none fits, >= 0.
-        confirm: consecutive observations (>= 1) that must ask for more compression before it is adopted.
+        confirm: consecutive observations (>= 1) that must ask for more compression before it is adopted...
+        urgent: ... unless the current mode's predicted communication exceeds the budget (or the backward
+            time) ``urgent`` times over (> 1): then at once.
         prior_errors: overrides of :data:`PRIOR_REL_ERROR`, mode -> relative error >= 0.
 
     Raises:
@@ -100,6 +102,7 @@ class NetSensePolicy(Policy):
         max_patience: int = 64,
         tolerance: float = 0.05,
         confirm: int = 2,
+        urgent: float = 4.0,
         prior_errors: Mapping[str, float] | None = None,
     ) -> None:
         if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
@@ -125,6 +128,8 @@ class NetSensePolicy(Policy):
             raise ValueError(
                 f"Expected `max_patience` to be an integer >= `patience` ({patience}), but got {max_patience!r}"
             )
+        if not _is_number(urgent) or urgent <= 1:
+            raise ValueError(f"Expected `urgent` to be a number > 1, but got {urgent!r}")
         if not _is_int(confirm) or confirm < 1:
             raise ValueError(f"Expected `confirm` to be an integer >= 1, but got {confirm!r}")
         if not _is_number(tolerance) or tolerance < 0:
@@ -144,6 +149,7 @@ class NetSensePolicy(Policy):
         self.max_patience = max_patience
         self.tolerance = float(tolerance)
         self.confirm = confirm
+        self.urgent = float(urgent)
         self.priors = priors
         self._decisions = {m: Decision(m, self._options(m)) for m in self.modes}
         self.reset()
@@ -229,7 +235,7 @@ class NetSensePolicy(Policy):
             # the current mode no longer fits: compress more once `confirm` observations in a row say so (one
             # step's stall on a loaded machine moves the estimate for a step; a slow link persists)
             self._escalate += 1
-            if current_ok and self._escalate < self.confirm:
+            if current_ok and self._escalate < self.confirm and not self._urgent(observation, profiles[current]):
                 return self._decisions[self._mode]
             if current_ok and in_probation:  # the last relaxation was a mistake: probe less often
                 self._patience_now = min(2 * self._patience_now, self.max_patience)
@@ -257,6 +263,16 @@ class NetSensePolicy(Policy):
                 return self._decisions[self._mode]
         self._streak, self._streak_target = 0, None
         return self._decisions[self._mode]
+
+    def _urgent(self, obs: Observation, profile: CodecProfile) -> bool:
+        """Whether the current mode's predicted communication exceeds the budget ``urgent`` times over.
+
+        A link that dropped makes every step cost seconds more (no stall looks like that): no confirmation.
+        """
+        dense = float(sum(obs.bucket_bytes))
+        budget = self.slack * max(obs.overlap_time, 0.0)
+        excess = predicted_comm_time(profile, obs.link, obs.world_size, dense) - budget
+        return excess > (self.urgent - 1.0) * max(budget, obs.backward_time, 1e-3)
 
     def _switch(self, mode: str) -> None:
         self._mode = mode

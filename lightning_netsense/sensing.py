@@ -180,6 +180,8 @@ class LinkEstimator:
         resolution: seconds (>= 0) below which the transfer time a step attributes to bandwidth is taken as
             timer/scheduling noise (the step then votes "faster than measurable"). 1 ms suits gloo on CPU;
             CUDA event timing resolves far less.
+        fast_drop: ratio (> 1) by which the newest step must be slower than the median to be taken at once...
+        fast_drop_time: ... provided its transfer took at least this many seconds (a stall is milliseconds).
         max_filter_steps: a step among this many recent ones (>= 1) whose transfer time was below
             ``resolution`` makes the estimate "faster than measurable" (infinite), whatever the median says.
 
@@ -194,6 +196,8 @@ class LinkEstimator:
         min_size_ratio: float = 2.0,
         resolution: float = 1e-3,
         max_filter_steps: int = 3,
+        fast_drop: float = 4.0,
+        fast_drop_time: float = 0.05,
     ) -> None:
         if not isinstance(window_steps, int) or isinstance(window_steps, bool) or window_steps < 1:
             raise ValueError(f"Expected `window_steps` to be an integer >= 1, but got {window_steps!r}")
@@ -206,6 +210,12 @@ class LinkEstimator:
         if not isinstance(max_filter_steps, int) or isinstance(max_filter_steps, bool) or max_filter_steps < 1:
             raise ValueError(f"Expected `max_filter_steps` to be an integer >= 1, but got {max_filter_steps!r}")
         self.max_filter_steps = max_filter_steps
+        if isinstance(fast_drop, bool) or not isinstance(fast_drop, (int, float)) or not fast_drop > 1:
+            raise ValueError(f"Expected `fast_drop` to be a number > 1, but got {fast_drop!r}")
+        if isinstance(fast_drop_time, bool) or not isinstance(fast_drop_time, (int, float)) or not fast_drop_time >= 0:
+            raise ValueError(f"Expected `fast_drop_time` to be a number of seconds >= 0, but got {fast_drop_time!r}")
+        self.fast_drop = float(fast_drop)
+        self.fast_drop_time = float(fast_drop_time)
         self.window_steps = window_steps
         self.resolution = float(resolution)
         self.decay = float(decay)
@@ -223,7 +233,21 @@ class LinkEstimator:
             for b, s in zip(nbytes, seconds)
             if b > 0 and s > 0 and math.isfinite(b) and math.isfinite(s)
         ]
+        before = self.compute() if self._steps else None
         self._steps.append((tuple(b for b, _ in keep), tuple(s for _, s in keep)))
+        if before is not None and keep and math.isfinite(before.bandwidth):
+            # A drop that cannot be a stall: this step is `fast_drop` times slower than the estimate *and* spent
+            # at least `fast_drop_time` on the transfer. The older steps describe a link that is gone: drop them
+            # rather than wait for the median (each slow step costs 3.5 s for 8.8 MB at 20 Mbit/s; a scheduler
+            # stall costs milliseconds).
+            b_new, s_new = self._steps[-1]
+            alpha = before.alpha
+            newest = self._resolved_beta(b_new, s_new, alpha)
+            spread = max(b_new) - (min(b_new) if max(b_new) >= self.min_size_ratio * min(b_new) else 0.0)
+            if newest >= self.fast_drop / before.bandwidth and newest * spread >= self.fast_drop_time:
+                last = self._steps[-1]
+                self._steps.clear()
+                self._steps.append(last)
         # hold the newest fitted latency now, so that it survives its step leaving the window
         alpha = self._alpha()
         if alpha is not None:
@@ -254,6 +278,7 @@ class LinkEstimator:
         # rate stay with the median (a tbf burst makes single steps look faster than the link).
         if any(b == 0.0 for b in betas[: self.max_filter_steps]):
             beta = 0.0
+
         return LinkEstimate(
             alpha=0.0 if alpha is None else alpha,
             bandwidth=math.inf if beta <= 0 else 1.0 / beta,

@@ -297,7 +297,8 @@ def test_closed_loop_token_bucket_burst_is_re_probed_ever_more_rarely():
 def test_more_compression_needs_confirmation_by_consecutive_observations():
     """One step's stall (a scheduler hiccup) must not switch codecs; a persistent slow link must, in confirm steps."""
     policy = NetSensePolicy(confirm=2)
-    fast, slow = observe(100_000 * MBIT), observe(5 * MBIT)
+    # slow enough that plain DDP no longer fits, not so slow that it is urgent (dense at twice the budget)
+    fast, slow = observe(100_000 * MBIT), observe(bandwidth_for("none", 2.0))
     assert policy.decide(fast).mode == "none"
     assert policy.decide(slow).mode == "none"  # one slow observation alone
     assert policy.decide(fast).mode == "none"
@@ -308,3 +309,9 @@ def test_more_compression_needs_confirmation_by_consecutive_observations():
 def test_confirm_is_validated():
     with pytest.raises(ValueError, match="confirm"):
         NetSensePolicy(confirm=0)
+
+
+def test_an_urgent_drop_skips_confirmation():
+    policy = NetSensePolicy(confirm=3)
+    assert policy.decide(observe(100_000 * MBIT)).mode == "none"
+    assert policy.decide(observe(bandwidth_for("none", 20.0))).mode != "none"  # 20x over budget: at once
