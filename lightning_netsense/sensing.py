@@ -276,7 +276,11 @@ class LinkEstimator:
         # transfer was too fast to measure. A step of the last `max_filter_steps` that could not resolve any
         # transfer time shows the link faster than measurable at its sizes: take that. Steps that resolve a
         # rate stay with the median (a tbf burst makes single steps look faster than the link).
-        if any(b == 0.0 for b in betas[: self.max_filter_steps]):
+        # Only steps that moved bytes comparable to the window's largest sample may vouch for "faster than
+        # measurable": a compressed step's few kilobytes are unmeasurable on a slow link as well.
+        largest = max(max(b) for b, _, _ in steps)
+        recent = zip(betas[: self.max_filter_steps], steps[: self.max_filter_steps])
+        if any(beta_j == 0.0 and max(b) >= 0.25 * largest for beta_j, (b, _, _) in recent):
             beta = 0.0
 
         return LinkEstimate(
