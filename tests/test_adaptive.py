@@ -164,22 +164,22 @@ def test_hysteresis_does_not_flap_on_noise_around_the_threshold():
     # dense communication alternates between 0.95x and 1.05x the budget (noise on the estimate)
     below, above = bandwidth_for("none", 0.95), bandwidth_for("none", 1.05)
     observations = [observe(below if i % 2 else above) for i in range(30)]
-    policy = NetSensePolicy(confirm=1)
+    policy = NetSensePolicy(confirm=1, tolerance=0.0)  # exact threshold: no gain is too small to count
     stable = [policy.decide(o).mode for o in observations]
     assert _changes(["none", *stable]) == 1 and stable[-1] == "fp16"
     # without hysteresis the same observations flap every step
-    naive = NetSensePolicy(confirm=1, margin=0.0, patience=1, max_patience=1)
+    naive = NetSensePolicy(confirm=1, margin=0.0, patience=1, max_patience=1, tolerance=0.0)
     assert _changes([naive.decide(o).mode for o in observations]) == len(observations) - 1
 
 
 def test_relaxing_needs_the_margin():
     # dense communication settles at 0.9x the budget: it fits, but not with a 20 % margin
     slow, near = observe(20 * MBIT), observe(bandwidth_for("none", 0.9))
-    policy = NetSensePolicy(confirm=1, patience=2, margin=0.2)
+    policy = NetSensePolicy(confirm=1, patience=2, margin=0.2, tolerance=0.0)
     policy.decide(slow)
     modes = [policy.decide(near).mode for _ in range(10)]
     assert "none" not in modes and modes[-1] == "fp16"  # relaxed as far as the margin allows
-    loose = NetSensePolicy(confirm=1, patience=2, margin=0.05)
+    loose = NetSensePolicy(confirm=1, patience=2, margin=0.05, tolerance=0.0)
     loose.decide(slow)
     assert [loose.decide(near).mode for _ in range(3)][1:] == ["none", "none"]
 
@@ -315,3 +315,14 @@ def test_an_urgent_drop_skips_confirmation():
     policy = NetSensePolicy(confirm=3)
     assert policy.decide(observe(100_000 * MBIT)).mode == "none"
     assert policy.decide(observe(bandwidth_for("none", 20.0))).mode != "none"  # 20x over budget: at once
+
+
+def test_when_nothing_fits_progress_per_second_beats_raw_step_time():
+    """A fast step that carries a 90 % error makes little progress: fp16 wins where step time alone picks top-k."""
+    obs = observe(bandwidth_for("none", 3.0), errors={"fp16": 3e-4, "bf16": 2e-3, "int8": 0.01, "powersgd": 0.95, "topk": 0.9})
+    policy = NetSensePolicy(confirm=1, modes=("none", "fp16", "topk"))
+    assert comm("topk", obs) < comm("fp16", obs)  # top-k is the faster step ...
+    assert policy.decide(obs).mode == "fp16"  # ... but fp16 the faster training
+    # on a link so slow that fp16 is a 30x longer step, top-k's lower progress per step is worth it
+    slow = observe(bandwidth_for("none", 60.0), errors={"fp16": 3e-4, "topk": 0.9})
+    assert NetSensePolicy(confirm=1, modes=("none", "fp16", "topk")).decide(slow).mode == "topk"
