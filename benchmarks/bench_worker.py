@@ -22,8 +22,6 @@ import argparse
 import gc
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 import traceback
@@ -71,32 +69,6 @@ class _Counters:
         return out[0], out[1]
 
 
-def socket_bytes(ss_output: str, pid: int) -> int:
-    """Sum of ``bytes_sent`` over the TCP sockets of process ``pid`` in ``ss -tinpH`` output.
-
-    Counting this process's own sockets (gloo's connections) keeps the competing flows of the congestion trace,
-    which cross the same veth, out of the count; it is TCP payload, without headers and ACKs.
-    """
-    total = 0
-    mine = False
-    for line in ss_output.splitlines():
-        if not line.startswith((" ", "\t")):  # a socket's first line: addresses and owning processes
-            mine = f"pid={pid}," in line
-        elif mine:
-            m = re.search(r"\bbytes_sent:(\d+)", line)
-            if m:
-                total += int(m.group(1))
-    return total
-
-
-def _own_socket_bytes() -> int:
-    try:
-        out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return socket_bytes(out, os.getpid())
-
-
 def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: _Counters) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
@@ -125,7 +97,6 @@ def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: 
     t_go = time.time()
     train = 0.0
     tx0, rx0 = counters.read()
-    sock0 = _own_socket_bytes() if synced else 0
     stop_reason = "steps"
 
     def evaluate(step: int) -> None:
@@ -164,7 +135,6 @@ def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: 
     if not evals or evals[-1]["step"] != steps[-1]["step"]:
         evaluate(steps[-1]["step"])
     state = contender.state
-    sock1 = _own_socket_bytes() if synced else 0
     result = {
         "id": jid,
         "rank": rank,
@@ -179,7 +149,6 @@ def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: 
         "evals": evals,
         "mode_steps": dict(state.mode_steps) if state is not None else {contender.fixed_mode: len(steps)},
         "hook_bytes": state.total_bytes_sent if state is not None else None,
-        "socket_bytes": sock1 - sock0,
     }
     del contender, model, opt, work, state
     gc.collect()

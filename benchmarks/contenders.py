@@ -111,9 +111,9 @@ def build(name: str, model: Any, torch_powersgd: bool = True, bucket_cap_mb: flo
         return Contender(name, model)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # BatchNorm running statistics are only used in evaluation; syncing them every forward would add traffic
-    # outside the gradient hook that no contender can compress (they are still synced once, at init)
-    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, forward_sync_buffers=False)
+    # BatchNorm running statistics are only used in evaluation; broadcasting them every forward would add
+    # traffic outside the gradient hook that no contender can compress
+    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, broadcast_buffers=False)
     if name == "ddp":
         return Contender(name, ddp)
     if name == "fp16":
@@ -145,10 +145,7 @@ def build(name: str, model: Any, torch_powersgd: bool = True, bucket_cap_mb: flo
         from lightning_netsense.adaptive import NetSensePolicy
 
         policy = NetSensePolicy()
-    # a static compressor never reads the link estimate: it must not pay for the bandwidth probes the state
-    # sends while a lossy mode runs (DGC does not probe either)
-    static = name in ("powersgd", "topk")
-    state = NetSenseState(policy=policy, probe_every=0) if static else NetSenseState(policy=policy)
+    state = NetSenseState(policy=policy)
     ddp.register_comm_hook(state, netsense_hook)
     return Contender(name, ddp, state=state, standin=name == "powersgd")
 
