@@ -1,0 +1,458 @@
+"""Shaped-link benchmark: every contender, same model, data, seed and trace, across a kernel-shaped link.
+
+As root, from the repository root::
+
+    python benchmarks/shaped_bench.py --quick          # the targets only, < 10 min (see README.md)
+    python benchmarks/shaped_bench.py                  # every workload, trace and contender, writes benchmarks/results/
+
+It creates two network namespaces joined by a veth pair shaped with ``tc tbf`` on both ends
+(:class:`lightning_netsense.netem.ShapedLink`), starts one rank in each (``bench_worker.py``, kept alive for all
+runs), and for every (workload, trace, contender) hands the ranks a job, puts the link into the trace's starting
+state, lets them train, and applies the trace's schedule from here (``tc qdisc change`` on time, competing TCP
+flows). Everything it creates is removed at the end, also on Ctrl-C or SIGTERM.
+
+Output: a table per workload on the terminal, PASS/MISS lines for the issue's targets, ``results.json`` and
+PNG plots in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+
+import report  # noqa: E402
+from contenders import CONTENDERS, LABELS, run_pilot  # noqa: E402
+
+#: rates of the static traces, Mbit/s
+STATIC = {"1g": 1000.0, "100m": 100.0, "20m": 20.0}
+TRACES = ("1g", "100m", "20m", "dynamic", "congestion")
+#: the dynamic trace repeats this cycle of (Mbit/s, seconds): 40 s, congested 60 % of the time. It starts congested:
+#: starting at 1 Gbit/s, plain DDP does ~80 digits steps in the first 8 s and every contender reaches 95 % before
+#: the first change, so the trace would only measure the 1 Gbit/s trace again
+DYNAMIC_CYCLE = ((20.0, 16.0), (100.0, 8.0), (20.0, 8.0), (1000.0, 8.0))
+#: the congestion trace: this rate, and ``flows`` competing TCP connections per direction, on for ``on_s``
+#: seconds every ``on_s + off_s`` seconds from ``first_s`` on
+CONGESTION = {"rate": 100.0, "flows": 2, "first_s": 5.0, "on_s": 10.0, "off_s": 5.0}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # per workload: traces, contenders, step budget, cap on the training clock, evaluation interval
+    "full": {
+        "digits": {"traces": list(TRACES), "contenders": list(CONTENDERS), "steps": 300, "cap_s": 45.0,
+                   "cap_s_dynamic": 60.0, "eval_every": 5},
+        "cnn": {"traces": list(TRACES), "contenders": list(CONTENDERS), "steps": 20, "cap_s": 25.0,
+                "eval_every": 0},
+    },
+    "quick": {
+        "digits": {"traces": ["dynamic"], "contenders": list(CONTENDERS), "steps": 200, "cap_s": 30.0,
+                   "cap_s_dynamic": 40.0, "eval_every": 5},
+        "cnn": {"traces": ["100m", "1g"], "contenders": ["ideal", "ddp", "netsense"], "steps": 12, "cap_s": 20.0,
+                "eval_every": 0},
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------- traces
+def trace_events(trace: str, horizon_s: float) -> list[tuple[float, str, float]]:
+    """Schedule of ``trace`` up to ``horizon_s``: ``(seconds after start, "rate" | "flows", value)``, sorted.
+
+    ``("rate", r)`` sets both ends to ``r`` Mbit/s; ``("flows", s)`` starts the competing flows for ``s`` seconds.
+    The first event is at 0 and sets the starting rate.
+    """
+    if trace in STATIC:
+        return [(0.0, "rate", STATIC[trace])]
+    if trace == "dynamic":
+        out, t, i = [], 0.0, 0
+        while t < horizon_s:
+            rate, seconds = DYNAMIC_CYCLE[i % len(DYNAMIC_CYCLE)]
+            out.append((t, "rate", rate))
+            t, i = t + seconds, i + 1
+        return out
+    if trace == "congestion":
+        c = CONGESTION
+        out = [(0.0, "rate", c["rate"])]
+        t = c["first_s"]
+        while t < horizon_s:
+            out.append((t, "flows", c["on_s"]))
+            t += c["on_s"] + c["off_s"]
+        return out
+    raise ValueError(f"Expected `trace` to be one of {TRACES}, but got {trace!r}")
+
+
+def rate_at(events: Sequence[tuple[float, str, float]], t: float) -> float | None:
+    """Shaped rate at ``t`` seconds after the start of a schedule from :func:`trace_events`."""
+    rate = None
+    for when, kind, value in events:
+        if when > t:
+            break
+        if kind == "rate":
+            rate = value
+    return rate
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+class JobFailed(RuntimeError):
+    pass
+
+
+class Driver:
+    """Keeps one rank per namespace alive and runs jobs through files in a control folder."""
+
+    def __init__(self, link: Any, control: str) -> None:
+        self.link, self.control = link, control
+        self.procs: list[subprocess.Popen] = []
+        self.port = 29511
+        self.next_id = 0
+
+    def start(self) -> None:
+        for name in os.listdir(self.control):
+            if name.startswith("alive_"):
+                os.remove(os.path.join(self.control, name))
+        self.port += 1  # a fresh rendezvous port after a restart (the old one may linger in TIME_WAIT)
+        for r in (0, 1):
+            err = open(os.path.join(self.control, f"worker{r}.log"), "a")
+            cmd = [sys.executable, os.path.join(_HERE, "bench_worker.py"), "--rank", str(r),
+                   "--master-addr", self.link.address(0), "--port", str(self.port), "--ifname", self.link.ifname(r),
+                   "--control", self.control, "--first-job", str(self.next_id)]
+            self.procs.append(self.link.popen(r, cmd, stdout=err, stderr=subprocess.STDOUT))
+        self._wait([f"alive_{r}" for r in (0, 1)], 240.0, "ranks to start")
+
+    def stop(self) -> None:
+        open(os.path.join(self.control, "quit"), "w").close()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        os.remove(os.path.join(self.control, "quit"))
+
+    def log_tails(self, chars: int = 1500) -> str:
+        out = []
+        for r in (0, 1):
+            try:
+                with open(os.path.join(self.control, f"worker{r}.log")) as f:
+                    text = "\n".join(ln for ln in f.read().splitlines() if "Warning" not in ln and "ddp = DDP" not in ln)
+                out.append(f"--- rank {r}:\n{text[-chars:]}")
+            except OSError:
+                pass
+        return "\n".join(out)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+    def _wait(self, names: list[str], timeout: float, what: str, tick=None) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(os.path.exists(os.path.join(self.control, n)) for n in names):
+            errors = [n for n in os.listdir(self.control) if n.startswith("error_")]
+            if errors:
+                with open(os.path.join(self.control, errors[0])) as f:
+                    msg = json.load(f)["error"]
+                os.remove(os.path.join(self.control, errors[0]))
+                raise JobFailed(msg)
+            if any(p.poll() is not None for p in self.procs):
+                raise JobFailed(f"a rank exited (codes {[p.poll() for p in self.procs]}) while waiting for {what}\n"
+                                + self.log_tails())
+            if time.monotonic() > deadline:
+                raise JobFailed(f"timed out after {timeout:.0f} s waiting for {what}\n" + self.log_tails())
+            if tick is not None:
+                tick()
+            time.sleep(0.02)
+
+    def run(self, job: dict[str, Any], trace: str | None) -> dict[str, Any]:
+        """Run one job on both ranks; returns both ranks' results and the trace as applied."""
+        jid = job["id"] = self.next_id
+        self.next_id += 1
+        link = self.link
+        link.set_rate(None)  # set-up (DDP's initial broadcast) on the unshaped link
+        path = os.path.join(self.control, f"job_{jid}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(job, f)
+        os.replace(path + ".tmp", path)
+        self._wait([f"ready_{jid}_{r}" for r in (0, 1)], 300.0, "set-up")
+        timeout = 2 * job["cap_s"] + 240.0
+        pending = trace_events(trace, timeout) if trace else []
+        applied: list[list[Any]] = []
+        flows: list[Any] = []
+        t_go = time.time()
+
+        def tick() -> None:
+            now = time.time() - t_go
+            while pending and pending[0][0] <= now:
+                _, kind, value = pending.pop(0)
+                if kind == "rate":
+                    link.set_rate(value)
+                else:
+                    k = len(flows)
+                    for src in (0, 1):  # both directions: a 2-rank allreduce uses both
+                        port = 5201 + (2 * k + src) % 40
+                        flows.append(link.competing_flows(CONGESTION["flows"], value, source=src, port=port))
+                applied.append([time.time(), kind, value])
+
+        try:
+            tick()  # the starting state, before the ranks start
+            t_go = time.time()
+            applied.append([t_go, "go", 0])
+            open(os.path.join(self.control, f"go_{jid}"), "w").close()
+            self._wait([f"result_{jid}_{r}.json" for r in (0, 1)], timeout, f"job {jid}", tick=tick)
+        finally:
+            for fl in flows:
+                fl.stop()
+        results = []
+        for r in (0, 1):
+            with open(os.path.join(self.control, f"result_{jid}_{r}.json")) as f:
+                results.append(json.load(f))
+        return {"ranks": results, "trace_log": applied, "t_go": t_go}
+
+
+def _job(workload: str, contender: str, trace: str | None, cfg: dict[str, Any], seed: int, torch_psgd: bool,
+         target: float | None) -> dict[str, Any]:
+    cap = cfg.get("cap_s_dynamic", cfg["cap_s"]) if trace == "dynamic" else cfg["cap_s"]
+    return {
+        "workload": workload, "contender": contender, "trace": trace, "seed": seed, "steps": cfg["steps"],
+        "cap_s": cap, "eval_every": cfg["eval_every"] or 10**9, "torch_powersgd": torch_psgd, "target": target,
+    }
+
+
+def run_all(args: argparse.Namespace, preset: dict[str, dict[str, Any]], console: Any) -> dict[str, Any]:
+    from rich.markup import escape
+
+    from lightning_netsense.netem import ShapedLink, available, cleanup_stale
+
+    ok, why = available()
+    if not ok:
+        sys.exit(f"cannot shape a link here: {why}")
+    cleanup_stale()
+    t_start = time.time()
+    pilot: dict[str, Any] = {}
+    if "powersgd" in {c for cfg in preset.values() for c in cfg["contenders"]}:
+        for wl in preset:
+            console.print(f"[bold]pilot[/]: torch PowerSGD on gloo, DDP default buckets, workload {wl} ...")
+            pilot[wl] = run_pilot(wl, timeout=args.pilot_timeout)
+            console.print(f"  -> {'runs' if pilot[wl]['ok'] else 'cannot run: ' + escape(pilot[wl]['reason'])}")
+            if not args.quick or pilot[wl]["ok"]:
+                continue
+            # the quick run trusts one failed pilot for both workloads (the cause is the hook, not the model)
+            for other in preset:
+                pilot.setdefault(other, {**pilot[wl], "reason": pilot[wl]["reason"] + f" (pilot on {wl})"})
+            break
+    runs: list[dict[str, Any]] = []
+    raw: dict[str, Any] = {}
+    control = tempfile.mkdtemp(prefix="shaped_bench_")
+    failures: list[dict[str, Any]] = []
+    try:
+        with ShapedLink(rate_mbit=None) as link:
+            driver = Driver(link, control)
+            driver.start()
+            for wl, cfg in preset.items():
+                psgd_ok = bool(pilot.get(wl, {}).get("ok", False))
+                plan: list[tuple[str, str | None]] = []
+                if "ideal" in cfg["contenders"]:
+                    plan.append(("ideal", None))
+                plan += [(c, tr) for tr in cfg["traces"] for c in cfg["contenders"] if c != "ideal"]
+                for contender, trace in plan:
+                    job = _job(wl, contender, trace, cfg, args.seed, psgd_ok, args.target if wl == "digits" else None)
+                    t0 = time.time()
+                    try:
+                        out = driver.run(job, trace)
+                    except JobFailed as err:
+                        console.print(f"[red]{wl}/{trace}/{contender} failed[/]: {escape(str(err)[-1500:])}")
+                        failures.append({"workload": wl, "trace": trace, "contender": contender,
+                                         "error": str(err)[-2000:]})
+                        driver.kill()
+                        driver.start()
+                        continue
+                    r0, r1 = out["ranks"]
+                    r0["bytes_total"] = r0["socket_bytes"] + r1["socket_bytes"]
+                    summary = report.summarise_run(r0, job["target"])
+                    summary["trace"] = trace
+                    summary["ranks_agree"] = [e["acc"] for e in r0["evals"]] == [e["acc"] for e in r1["evals"]]
+                    runs.append(summary)
+                    raw[f"{wl}/{trace}/{contender}"] = {"steps": r0["steps"], "evals": r0["evals"],
+                                                        "trace_log": out["trace_log"], "t_go": r0["t_go"]}
+                    label = LABELS["powersgd_standin"] if summary["standin"] else LABELS[contender]
+                    acc = summary["final_acc"]
+                    console.print(
+                        f"  {wl:6} {trace or '-':10} {label:28} {summary['steps']:4d} steps {summary['train_s']:6.1f} s"
+                        f" ({summary['stop']}), {report.fmt(summary['samples_per_s'], '.0f')} samples/s, "
+                        f"TTA {report.fmt(summary['tta_s'], '.1f', ' s')}, acc {report.fmt(acc and 100 * acc, '.1f')}"
+                        f"  [{time.time() - t0:.0f} s]"
+                    )
+            driver.stop()
+    finally:
+        shutil.rmtree(control, ignore_errors=True)
+    ideal_results = {k.split("/")[0]: {"steps": v["steps"]} for k, v in raw.items() if k.endswith("/ideal")}
+    report.compare(runs, ideal_results)
+    report.add_pairwise(runs)
+    ddp_evals = {k.split("/")[1]: v["evals"] for k, v in raw.items() if k.startswith("digits/") and k.endswith("/ddp")}
+    targets = report.evaluate_targets(runs, ddp_evals, raw.get("digits/dynamic/netsense", {}).get("evals"))
+    return {
+        "schema": report.SCHEMA_VERSION,
+        "preset": "quick" if args.quick else "full",
+        "seconds": time.time() - t_start,
+        "config": {"presets": preset, "target_accuracy": args.target, "seed": args.seed,
+                   "dynamic_cycle_mbit_s": DYNAMIC_CYCLE, "congestion": CONGESTION, "world_size": 2,
+                   "torch_threads_per_rank": 1, "warmup_steps_skipped_in_samples_per_s": 3},
+        "pilot_torch_powersgd": pilot,
+        "runs": runs,
+        "targets": targets,
+        "failures": failures,
+        "series": raw,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- output
+_STEP_KEYS = ("step", "train_s", "wall", "mode", "bw_mbit", "comm_s", "backward_s")
+
+
+def _round(x: Any, digits: int = 4) -> Any:
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if x == x and abs(x) != float("inf") else None
+    if isinstance(x, dict):
+        return {k: _round(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v, digits) for v in x]
+    return x
+
+
+def slim(results: dict[str, Any], all_steps: bool = False) -> dict[str, Any]:
+    """The results to commit: per-step series only where a plot needs them, numbers to 4 significant digits.
+
+    Kept: every run's evaluations; per-step mode and estimate of the adaptive contenders (NetSensePolicy,
+    AIMDPolicy; every contender with ``all_steps``) with the trace as applied; the ideal's clock per step (its TTA
+    and accuracy line). The input is not modified.
+    """
+    out = dict(results)
+    series = {}
+    walls: dict[str, Any] = {}
+    for key, data in results["series"].items():
+        contender = key.split("/")[2]
+        kept: dict[str, Any] = {"evals": [{k: e[k] for k in ("step", "train_s", "acc")} for e in data["evals"]]}
+        if contender in ("netsense", "aimd") or (all_steps and contender != "ideal"):
+            kept["steps"] = [{k: st.get(k) for k in _STEP_KEYS if k != "wall"} for st in data["steps"]]
+            # wall-clock times need more digits than the rest
+            walls[key] = (round(data["t_go"], 3), [[round(w, 3), kind, v] for w, kind, v in data["trace_log"]],
+                          [round(st["wall"], 3) for st in data["steps"]])
+        elif contender == "ideal":
+            kept["steps"] = [{"step": st["step"], "train_s": st["train_s"]} for st in data["steps"]]
+        series[key] = kept
+    out["series"] = series
+    out = _round(out)
+    for key, (t_go, log, step_walls) in walls.items():
+        v = out["series"][key]
+        v["t_go"], v["trace_log"] = t_go, log
+        for st, w in zip(v["steps"], step_walls):
+            st["wall"] = w
+    return out
+
+
+def print_tables(results: dict[str, Any], console: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    runs = results["runs"]
+    for wl in sorted({r["workload"] for r in runs}):
+        table = Table(title=f"{wl}: {'time to accuracy' if wl == 'digits' else 'throughput'} across a shaped link")
+        cols = ["trace", "contender", "steps", "samples/s", "vs DDP", "vs ideal"]
+        if wl == "digits":
+            cols += ["TTA s", "TTA vs DDP", "vs best static", "final acc %"]
+        cols += ["MB sent", "modes"]
+        for c in cols:
+            table.add_column(c, justify="left" if c in ("trace", "contender", "modes") else "right")
+        order = {c: i for i, c in enumerate(CONTENDERS)}
+        trace_order = {t: i for i, t in enumerate(TRACES)}
+        for r in sorted((r for r in runs if r["workload"] == wl),
+                        key=lambda r: (trace_order.get(r["trace"], -1), order[r["contender"]])):
+            ratios = r.get("ratios", {})
+            label = LABELS["powersgd_standin"] if r["standin"] else LABELS[r["contender"]]
+            row = [r["trace"] or "unshaped", label, f"{r['steps']}{'*' if r['stop'] == 'cap' else ''}",
+                   report.fmt(r["samples_per_s"], ".0f"), report.fmt(ratios.get("throughput_vs_ddp"), ".2f", "×"),
+                   report.fmt(ratios.get("throughput_vs_ideal"), ".2f", "×")]
+            if wl == "digits":
+                acc = r["final_acc"]
+                tta = report.fmt(r["tta_s"], ".1f") if r["tta_s"] is not None or r["contender"] == "ideal" else "not reached"
+                row += [tta, report.fmt_speedup(ratios.get("tta_speedup_vs_ddp")),
+                        report.fmt_speedup(ratios.get("tta_speedup_vs_best_static")), report.fmt(acc and 100 * acc, ".1f")]
+            share = ", ".join(f"{m} {100 * v:.0f}%" for m, v in sorted(r["mode_share"].items(), key=lambda kv: -kv[1]))
+            row += [report.fmt(r["bytes_sent"] / 1e6, ".1f") if r["contender"] != "ideal" else "0", share]
+            table.add_row(*row)
+        console.print(table)
+    console.print("* stopped by the time cap before the step budget. TTA: training seconds to the target accuracy; "
+                  "≥: a lower bound (the baseline never reached the target). ideal TTA: its clock at plain DDP's "
+                  "step to the target.")
+    for wl, p in results.get("pilot_torch_powersgd", {}).items():
+        if not p.get("ok"):
+            console.print(f"[yellow]torch PowerSGD cannot run on gloo with several buckets ({wl}: "
+                          f"{escape(p['reason'][:170])}) - this project's 'powersgd' codec (rank 4) stands in.[/]")
+    for f in results.get("failures", []):
+        console.print(f"[red]FAILED[/] {f['workload']}/{f['trace']}/{f['contender']}: {escape(f['error'][-300:])}")
+    for t in results["targets"]:
+        colour = {"PASS": "green", "MISS": "red"}.get(t["status"], "yellow")
+        value = "-" if t["value"] is None else (("≥" if t.get("lower_bound") else "") + f"{t['value']:.2f}")
+        console.print(f"[{colour}]{t['status']:4}[/] {t['name']}: {value} (target {t['threshold']:g})"
+                      + (f"  - {escape(t['note'])}" if t["note"] else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="the targets only: digits on the dynamic trace, CNN at 100 Mbit/s and 1 Gbit/s")
+    p.add_argument("--out", default=os.path.join(_HERE, "results"), help="folder for the JSON and the plots")
+    p.add_argument("--workloads", default="", help="comma-separated subset of digits,cnn")
+    p.add_argument("--traces", default="", help="comma-separated subset of " + ",".join(TRACES))
+    p.add_argument("--contenders", default="", help="comma-separated subset of " + ",".join(CONTENDERS))
+    p.add_argument("--steps", type=int, default=0, help="override the step budget of every workload")
+    p.add_argument("--cap-s", type=float, default=0.0, help="override the training-time cap of every run")
+    p.add_argument("--target", type=float, default=0.95, help="test accuracy for time to accuracy (digits)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pilot-timeout", type=float, default=60.0)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--all-steps", action="store_true", help="keep every run's per-step series in the JSON (diagnosis)")
+    args = p.parse_args(argv)
+    from rich.console import Console
+
+    # a log file is not a terminal: do not squeeze the tables into 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 190)
+    preset = json.loads(json.dumps(PRESETS["quick" if args.quick else "full"]))
+    if args.workloads:
+        preset = {w: preset[w] for w in args.workloads.split(",")}
+    for cfg in preset.values():
+        if args.traces:
+            cfg["traces"] = [t for t in args.traces.split(",") if t in TRACES]
+        if args.contenders:
+            cfg["contenders"] = [c for c in CONTENDERS if c in args.contenders.split(",")]
+        if args.steps:
+            cfg["steps"] = args.steps
+        if args.cap_s:
+            cfg["cap_s"] = cfg["cap_s_dynamic"] = args.cap_s
+    results = run_all(args, preset, console)
+    os.makedirs(args.out, exist_ok=True)
+    name = "results_quick.json" if args.quick else "results.json"
+    print_tables(results, console)
+    if not args.no_plots:
+        import plots
+
+        for path in plots.make_all(results, args.out, suffix="_quick" if args.quick else ""):
+            console.print(f"plot: {os.path.relpath(path)}")
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(slim(results, args.all_steps), f, indent=1)
+    console.print(f"results: {os.path.relpath(os.path.join(args.out, name))}; run took {results['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
