@@ -320,6 +320,7 @@ class NetSenseState:
         self._bw_probe = (0.0, 0.0)
         if (
             self.probe_every
+            and self.policy.uses_link_estimate
             and self.codecs[decision.mode].lossy
             and self.step + 1 >= self._plain_until
             and (self.step + 1 - self._plain_until) % self.probe_every == 0

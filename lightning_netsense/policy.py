@@ -24,6 +24,9 @@ class Policy(ABC):
     steps, saved by :meth:`state_dict` into checkpoints.
     """
 
+    #: whether decisions depend on the link estimate; when not, the hook spends nothing on bandwidth probes
+    uses_link_estimate: bool = True
+
     def candidates(self) -> Sequence[Decision]:
         """Decisions this policy may take; the observation carries a :class:`CodecProfile` for each."""
         return ()
@@ -68,6 +71,8 @@ class FixedPolicy(Policy):
 
         Trainer(strategy=NetSenseStrategy(policy=FixedPolicy(mode="topk", density=0.01)))
     """
+
+    uses_link_estimate = False  # always the same mode: probing the link would only cost time
 
     def __init__(
         self,

@@ -170,10 +170,15 @@ def test_non_finite_gradient_reaches_every_rank(dist_pool, mode):
         assert out[rank]["residual_finite"]
 
 
-def _probing(probe_every: int) -> dict:
+class _LinkAwareBF16(FixedPolicy):
+    uses_link_estimate = True  # as an adaptive policy: its decisions would depend on the estimate
+
+
+def _probing(probe_every: int, link_aware: bool = True) -> dict:
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
-    state = NetSenseState(policy=FixedPolicy(mode="bf16"), probe_every=probe_every)
+    policy = _LinkAwareBF16(mode="bf16") if link_aware else FixedPolicy(mode="bf16")
+    state = NetSenseState(policy=policy, probe_every=probe_every)
     ddp.register_comm_hook(state, netsense_hook)
     sizes, samples = [], []
     for step in range(7):
@@ -196,3 +201,6 @@ def test_bandwidth_probe_runs_while_compressed_with_agreed_sizes(dist_pool):
     assert probed == [False, True, False, True, False, True, False]
     never = dist_pool.run(_probing, 0)
     assert not any(w > 0 for w in never[0]["wire"])
+    # a fixed policy ignores the estimate: it must not pay for probes (static compressors did, in the benchmark)
+    fixed = dist_pool.run(_probing, 2, False)
+    assert not any(w > 0 for w in fixed[0]["wire"])
