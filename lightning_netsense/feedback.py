@@ -8,6 +8,7 @@ instead of poisoning every later step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -20,13 +21,20 @@ class ErrorFeedback:
 
     Per bucket and step: ``g = grad + residual``; the codec sends ``sent``; the residual becomes ``g - sent``.
     Summed over steps, what was sent plus the final residual equals the sum of the gradients.
+
+    The hook uses :meth:`compensate` and :meth:`settle`, which work in the residual's own memory: a fresh
+    full-size tensor per bucket and step costs more than the arithmetic (measured on this 2-core machine,
+    ``a + b`` of 26 MB took 28 ms, ``torch.add(a, b, out=c)`` 5.6 ms: page faults of the new allocation).
+    :meth:`apply` and :meth:`update` are the allocating equivalents.
     """
 
-    __slots__ = ("_residuals", "resets")
+    __slots__ = ("_residuals", "_err2", "resets")
 
     def __init__(self) -> None:
         self._residuals: dict[int, Tensor] = {}
-        #: number of residuals dropped because a gradient or residual was not finite
+        # squared norm of each residual, kept when it is made (so that `norm` needs no pass over the memory)
+        self._err2: dict[int, float] = {}
+        #: number of times a bucket's residual was dropped because its gradient or residual was not finite
         self.resets = 0
 
     def apply(self, index: int, grad: Tensor) -> Tensor:
@@ -43,28 +51,49 @@ class ErrorFeedback:
             ``(||compensated - sent||^2, ||compensated||^2)`` for the error statistic, or ``(nan, nan)`` if
             the input was not finite (the residual is then reset).
         """
-        residual = compensated - sent
+        return self.settle(index, compensated, lambda c: c - sent)
+
+    def compensate(self, index: int, grad: Tensor) -> Tensor:
+        """``grad`` plus the bucket's residual, computed into the residual's memory (a copy of ``grad`` if none).
+
+        The result belongs to the feedback: pass it to :meth:`settle` after compressing it. ``grad`` is unchanged.
+        """
+        residual = self._residuals.pop(index, None)
+        if residual is None or residual.shape != grad.shape or residual.device != grad.device:
+            return grad.clone()
+        return residual.add_(grad)
+
+    def settle(self, index: int, compensated: Tensor, subtract_sent: Callable[[Tensor], Tensor]) -> tuple[float, float]:
+        """Keep ``subtract_sent(compensated)`` (``compensated - sent``, in place if it can) as the residual.
+
+        Returns:
+            ``(||compensated - sent||^2, ||compensated||^2)`` for the error statistic, or ``(nan, nan)`` if
+            the input was not finite (the residual is then reset).
+        """
         # float32 norms: a statistic, not arithmetic that feeds back (a float64 copy of a 25 MB bucket is not free)
-        err2 = float(torch.linalg.vector_norm(residual)) ** 2
         ref2 = float(torch.linalg.vector_norm(compensated)) ** 2
+        residual = subtract_sent(compensated)
+        err2 = float(torch.linalg.vector_norm(residual)) ** 2
         if not (math.isfinite(err2) and math.isfinite(ref2)):
-            if self._residuals.pop(index, None) is not None:
-                self.resets += 1
+            self.discard(index)
+            self.resets += 1
             return math.nan, math.nan
         self._residuals[index] = residual
+        self._err2[index] = err2
         return err2, ref2
 
     def discard(self, index: int) -> None:
         self._residuals.pop(index, None)
+        self._err2.pop(index, None)
 
     def reset(self) -> None:
         """Drop every residual (e.g. on resume: residuals are per rank and are not checkpointed)."""
         self._residuals.clear()
+        self._err2.clear()
 
     def norm(self) -> float:
-        """L2 norm of all residuals together."""
-        total = sum(float(torch.linalg.vector_norm(r)) ** 2 for r in self._residuals.values())
-        return math.sqrt(total)
+        """L2 norm of all residuals together (from the squared norms kept when each residual was made)."""
+        return math.sqrt(sum(self._err2[i] for i in self._residuals if i in self._err2))
 
     def residual(self, index: int) -> Tensor | None:
         return self._residuals.get(index)
@@ -77,3 +106,4 @@ class ErrorFeedback:
 
     def load_state_tensors(self, state: dict[int, Tensor]) -> None:
         self._residuals = {int(k): torch.as_tensor(v).clone() for k, v in state.items()}
+        self._err2 = {k: float(torch.linalg.vector_norm(v)) ** 2 for k, v in self._residuals.items()}

@@ -35,7 +35,14 @@ from lightning_netsense.observation import (
     wire_bytes,
 )
 from lightning_netsense.policy import FixedPolicy, Policy
-from lightning_netsense.sensing import LinkEstimator, peak_in_flight, queue_corrected_durations
+from lightning_netsense.sensing import (
+    LinkEstimator,
+    peak_in_flight,
+    probe_answered_fast,
+    probe_size,
+    probe_wait,
+    queue_corrected_durations,
+)
 
 __all__ = ["NetSenseState", "netsense_hook"]
 
@@ -82,15 +89,20 @@ class NetSenseState:
         policy: decides the mode of each step from the agreed observation (default: plain DDP).
         process_group: group the gradients are averaged over (default: the world).
         error_feedback: keep what lossy codecs did not send and add it to the next step.
-        warmup_steps: steps forced to plain allreduce. DDP rebuilds its buckets after the first step, so
-            per-bucket residuals and warm starts are only meaningful from then on; must be >= 2.
+        warmup_steps: steps before the policy's own decisions take effect; must be >= 2. DDP rebuilds its
+            buckets after the first step, so per-bucket warm starts are only meaningful from then on. The first
+            step runs plain allreduce (it measures the link); the others run what
+            :meth:`Policy.warmup_decision <lightning_netsense.Policy.warmup_decision>` picks among plain DDP and
+            the codecs without per-bucket state (fp16, bf16, int8, top-k; not PowerSGD).
         estimator: the link estimator (default: :class:`LinkEstimator` with its defaults).
-        probe_every: while a lossy mode runs, probe the bandwidth every this many steps (0: never). Compressed
-            payloads are too small to measure a link that has recovered (their time is latency and scheduler
-            noise), so the state sends one ``all_reduce`` of a probe buffer at the step boundary, sized to take
-            about ``probe_fraction`` of a step at the believed bandwidth and doubled while the link answers
-            faster than believed (as TCP's slow start), up to the largest bucket.
-        probe_fraction: share of a step time one probe may take at the believed bandwidth, in (0, 1].
+        probe_every: while a lossy mode runs, probe the bandwidth at most every this many steps (0: never).
+            Compressed payloads are too small to measure a link that has recovered (their time is latency,
+            scheduler noise, or a shaper's burst), so the state sends one ``all_reduce`` of a probe buffer at
+            the step boundary. It is sized to take ``probe_fraction`` of the steps until the next probe at the
+            believed bandwidth, and doubled while the link answers faster than believed (as TCP's slow start),
+            up to the largest bucket; after a probe that took ``d`` seconds the next one waits until
+            ``d <= probe_fraction`` of the steps in between (an amortised budget, measured, not predicted).
+        probe_fraction: share of the training time probes may take, in (0, 1].
 
     Raises:
         ValueError: if an argument is of the wrong type or out of range.
@@ -119,6 +131,8 @@ class NetSenseState:
         "_plain_until",
         "_bw_probe",
         "_probe_bytes",
+        "_next_probe",
+        "_warmup_decision",
         "_calibrated",
         # statistics
         "last_observation",
@@ -177,6 +191,10 @@ class NetSenseState:
         self._calibrated = False
         self._bw_probe: tuple[float, float] = (0.0, 0.0)
         self._probe_bytes = 0
+        # first step whose boundary may probe (agreed: derived from agreed probe durations only)
+        self._next_probe = 0
+        # mode of the warm-up steps after the first (a stateless codec at most, see `active_decision`)
+        self._warmup_decision: Decision = _PLAIN
         #: the observation the last decision was taken on (``None`` before the first boundary)
         self.last_observation: Observation | None = None
         #: this rank's own measurements at the last boundary, before the ranks agreed (``None`` before it)
@@ -207,8 +225,13 @@ class NetSenseState:
 
     @property
     def active_decision(self) -> Decision:
-        """The decision the hook applies in the current step (plain allreduce during warm-up)."""
-        return _PLAIN if self.step < self._plain_until else self.decision
+        """The decision the hook applies in the current step.
+
+        During the warm-up: plain allreduce in its first step (nothing is measured yet), then what the policy's
+        :meth:`~lightning_netsense.Policy.warmup_decision` chose among plain DDP and the codecs that keep no
+        per-bucket state (DDP may still rebuild its buckets).
+        """
+        return self._warmup_decision if self.step < self._plain_until else self.decision
 
     def begin_backward(self) -> None:
         """Mark the start of a backward pass (the strategy calls this; otherwise the first hook call is used)."""
@@ -255,11 +278,11 @@ class NetSenseState:
                 grad = torch.randn(layout.numel, generator=gen)
                 t0 = time.perf_counter()
                 payload, ctx = codec.compress(grad, layout, **options)
-                if codec.lossy:
-                    sent = codec.decompress(payload, ctx, layout)
-                    _error_terms(grad, sent)
+                if codec.lossy:  # the hook's error-feedback path: two norms and the residual in place
+                    float(torch.linalg.vector_norm(grad))
+                    float(torch.linalg.vector_norm(codec.subtract_sent_(grad, payload, ctx, layout)))
                 collected = payload.clone() if codec.summable else payload.repeat(layout.world_size)
-                codec.aggregate(collected, ctx, layout)
+                codec.aggregate_into(collected, ctx, layout, grad)
                 seconds += time.perf_counter() - t0
             out[decision.mode] = seconds / dense
         for mode, cost in out.items():
@@ -312,20 +335,35 @@ class NetSenseState:
             codecs=self._profiles(layouts, agreed.mode_errors, agreed.mode_seconds_per_byte),
         )
         if self.step + 1 < self._plain_until:
-            # the next step is forced plain (warm-up): do not let the policy commit its hysteresis to a decision
-            # that cannot take effect, taken before the codecs' costs were calibrated
+            # the next step is a warm-up step: do not let the policy commit its hysteresis to a decision that
+            # cannot take effect, taken before the codecs' costs were calibrated; it may pick a stateless codec
             decision = self.decision
+            allowed = tuple(d for d in (_PLAIN, *self.policy.candidates()) if not self.codecs[d.mode].bucket_state)
+            warmup = self._validated(self.policy.warmup_decision(observation, allowed))
+            if warmup.mode != "none" and warmup not in allowed:
+                raise ValueError(
+                    f"{type(self.policy).__name__}.warmup_decision chose {warmup.key}; accepted in the warm-up: "
+                    f"{[d.key for d in allowed]}"
+                )
+            self._warmup_decision = warmup
         else:
             decision = self._validated(self.policy.decide(observation))
         self._bw_probe = (0.0, 0.0)
+        if agreed.bw_probe_seconds > 0 and self.probe_every:
+            # amortise: the last probe's agreed duration must fit in `probe_fraction` of the steps until the next
+            step_seconds = max(agreed.step_time, agreed.backward_time)
+            fast = probe_answered_fast(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
+            wait = probe_wait(agreed.bw_probe_seconds, step_seconds, self.probe_fraction, self.probe_every, fast)
+            # the probe ran at the last boundary (step - 1): the next may run at the boundary of step - 1 + wait
+            self._next_probe = self.step + wait
         if (
             self.probe_every
             and self.policy.uses_link_estimate
             and self.codecs[decision.mode].lossy
-            and self.step + 1 >= self._plain_until
-            and (self.step + 1 - self._plain_until) % self.probe_every == 0
+            and self.step + 1 >= max(self._plain_until, self._next_probe)
         ):
             self._probe_bandwidth(observation, believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
+            self._next_probe = self.step + 1 + self.probe_every
         self.last_observation = observation
         self.last_local = local
         self.mode_steps[used.mode] = self.mode_steps.get(used.mode, 0) + 1
@@ -341,14 +379,13 @@ class NetSenseState:
         Every input of the size is identical on every rank (a size that differed would make gloo hang).
         """
         largest = max(obs.bucket_bytes, default=0)
-        if largest <= 0:
+        step_seconds = max(obs.step_time, obs.backward_time)
+        fast = probe_answered_fast(believed, last_wire, last_seconds)
+        size = probe_size(
+            obs.link.bandwidth, fast, self._probe_bytes, step_seconds, largest, self.probe_fraction, self.probe_every
+        )
+        if size <= 0:
             return
-        floor = min(64 * 1024, largest)
-        step = max(obs.step_time, obs.backward_time)
-        size = believed.bandwidth * self.probe_fraction * step if math.isfinite(believed.bandwidth) else largest
-        if last_seconds > 0 and last_seconds < 0.5 * believed.time(last_wire):
-            size = max(size, 2.0 * self._probe_bytes)  # the link answered faster than believed: probe further
-        size = int(min(max(size, floor), largest)) // 4 * 4
         self._probe_bytes = size
         buf = torch.zeros(size // 4, device=self._collective_device())
         t0 = time.perf_counter()
@@ -394,6 +431,8 @@ class NetSenseState:
         self._last_boundary = None
         # a fresh DDP wrapper rebuilds its buckets after its first iteration: no lossy step (or residual) before
         self._plain_until = self.step + self.warmup_steps
+        self._warmup_decision = _PLAIN
+        self._next_probe = 0
         self._calibrated = False
 
     # ------------------------------------------------------------------ internals
@@ -551,13 +590,17 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
 
     t0 = time.perf_counter()
     if codec.lossy:
-        grad = state.feedback.apply(layout.index, buffer) if state.error_feedback else buffer
-        payload, ctx = codec.compress(grad, layout, **decision.options)
-        sent = codec.decompress(payload, ctx, layout)
         if state.error_feedback:
-            err2, ref2 = state.feedback.update(layout.index, grad, sent)
+            # grad + residual in the residual's memory, and the new residual formed in place: no full-size
+            # allocation per bucket (each cost more than the arithmetic: page faults)
+            grad = state.feedback.compensate(layout.index, buffer)
+            payload, ctx = codec.compress(grad, layout, **decision.options)
+            err2, ref2 = state.feedback.settle(
+                layout.index, grad, lambda c: codec.subtract_sent_(c, payload, ctx, layout)
+            )
         else:
-            err2, ref2 = _error_terms(grad, sent)
+            payload, ctx = codec.compress(buffer, layout, **decision.options)
+            err2, ref2 = _error_terms(buffer, codec.decompress(payload, ctx, layout))
         if math.isfinite(err2) and math.isfinite(ref2):
             rec.err2 += err2
             rec.ref2 += ref2
@@ -596,9 +639,7 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
             cuda_end.record()
             rec.cuda_events[slot] = (cuda_start, cuda_end)
         t1 = time.perf_counter()
-        out = codec.aggregate(collected, ctx, layout)
-        if out.data_ptr() != buffer.data_ptr():
-            buffer.copy_(out.view_as(buffer))
+        codec.aggregate_into(collected, ctx, layout, buffer)
         rec.codec_seconds.append(time.perf_counter() - t1)
         return buffer
 

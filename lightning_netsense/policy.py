@@ -35,6 +35,14 @@ class Policy(ABC):
     def decide(self, observation: Observation) -> Decision:
         """Return the decision for the next step. Must depend on ``observation`` and own state only."""
 
+    def warmup_decision(self, observation: Observation, allowed: Sequence[Decision]) -> Decision:
+        """Decision for a warm-up step after the first (DDP may still rebuild its buckets), one of ``allowed``.
+
+        ``allowed`` holds plain DDP and the candidates whose codec keeps no per-bucket state. The default is
+        plain DDP; the policy's hysteresis must not change here (its real decisions start after the warm-up).
+        """
+        return Decision("none")
+
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state restored on resume (must load with ``torch.load(weights_only=True)``)."""
         return {}
@@ -89,6 +97,10 @@ class FixedPolicy(Policy):
 
     def decide(self, observation: Observation) -> Decision:
         return self.decision
+
+    def warmup_decision(self, observation: Observation, allowed: Sequence[Decision]) -> Decision:
+        # a stateless codec (fp16, bf16, int8, top-k) runs from the first warm-up step it may, as torch's hooks do
+        return self.decision if self.decision in allowed else Decision("none")
 
     def __repr__(self) -> str:
         return f"FixedPolicy({self.decision.key})"

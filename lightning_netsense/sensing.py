@@ -17,6 +17,9 @@ __all__ = [
     "LinkEstimator",
     "fit_latency_bandwidth",
     "peak_in_flight",
+    "probe_answered_fast",
+    "probe_size",
+    "probe_wait",
     "queue_corrected_durations",
     "step_fit",
     "weighted_median",
@@ -42,6 +45,52 @@ def queue_corrected_durations(launch: Sequence[float], end: Sequence[float]) -> 
         out[i] = max(end[i] - start, _MIN_SECONDS)
         free_at = max(free_at, end[i])
     return out
+
+
+def probe_size(
+    bandwidth: float,
+    fast: bool,
+    previous: float,
+    step_seconds: float,
+    largest: float,
+    fraction: float,
+    every: int,
+    floor: float = 64 * 1024,
+) -> int:
+    """Bytes of the next bandwidth probe (a multiple of 4, in ``[min(floor, largest), largest]``).
+
+    ``fraction`` of the ``every`` steps until the next probe at the estimated ``bandwidth``; doubled from
+    ``previous`` while the last probe answered ``fast`` (:func:`probe_answered_fast`), as TCP's slow start. A shaper's burst also answers fast, so the size grows until the probe
+    measures the sustained rate (or is large enough to vouch for a recovery, see :class:`LinkEstimator`).
+    Never the largest bucket straight away: on an unmeasured link that cost 1.9 s per probe at 20 Mbit/s.
+    """
+    if largest <= 0:
+        return 0
+    floor = min(floor, largest)
+    if fast:
+        size = 2.0 * previous
+    elif math.isfinite(bandwidth):
+        size = bandwidth * fraction * step_seconds * every
+    else:
+        size = 2.0 * previous
+    return int(min(max(size, floor), largest)) // 4 * 4
+
+
+def probe_answered_fast(believed: LinkEstimate, wire: float, seconds: float) -> bool:
+    """Whether a probe of ``wire`` bytes took under half the time the believed link needs for it."""
+    return seconds > 0 and seconds < 0.5 * believed.time(wire)
+
+
+def probe_wait(seconds: float, step_seconds: float, fraction: float, every: int, fast: bool = False) -> int:
+    """Steps until the next probe after one that took ``seconds``.
+
+    At least ``every``, and enough steps that the probe took at most ``fraction`` of them (an amortised budget
+    from the measured, not the predicted, time). A probe that answered ``fast`` (see
+    :func:`probe_answered_fast`) is followed by a doubled one at the next step instead, as long as the budget
+    allows: the link may have recovered, and each step in a needlessly lossy mode costs progress.
+    """
+    amortised = math.ceil(seconds / (fraction * max(step_seconds, 1e-3)))
+    return max(1 if fast else every, amortised)
 
 
 def peak_in_flight(launch: Sequence[float], end: Sequence[float], nbytes: Sequence[float]) -> float:
@@ -184,6 +233,11 @@ class LinkEstimator:
         fast_drop_time: ... provided its transfer took at least this many seconds (a stall is milliseconds).
         max_filter_steps: a step among this many recent ones (>= 1) whose transfer time was below
             ``resolution`` makes the estimate "faster than measurable" (infinite), whatever the median says.
+        vouch_fraction: a window whose largest sample is below this fraction (in (0, 1]) of the largest
+            sample ever seen may *lower* the bandwidth estimate but not raise it above the last estimate of a
+            window that moved larger payloads. Small payloads pass a token bucket (a shaper's burst, a
+            switch buffer) at line rate: measured, PowerSGD's few kilobytes at 20 Mbit/s behind a 128 KB tbf
+            burst read as an infinite bandwidth, and the policy paid 4.3 s for the dense step that followed.
 
     Raises:
         ValueError: if an argument is out of range.
@@ -198,6 +252,7 @@ class LinkEstimator:
         max_filter_steps: int = 3,
         fast_drop: float = 4.0,
         fast_drop_time: float = 0.05,
+        vouch_fraction: float = 0.25,
     ) -> None:
         if not isinstance(window_steps, int) or isinstance(window_steps, bool) or window_steps < 1:
             raise ValueError(f"Expected `window_steps` to be an integer >= 1, but got {window_steps!r}")
@@ -214,6 +269,9 @@ class LinkEstimator:
             raise ValueError(f"Expected `fast_drop` to be a number > 1, but got {fast_drop!r}")
         if isinstance(fast_drop_time, bool) or not isinstance(fast_drop_time, (int, float)) or not fast_drop_time >= 0:
             raise ValueError(f"Expected `fast_drop_time` to be a number of seconds >= 0, but got {fast_drop_time!r}")
+        if isinstance(vouch_fraction, bool) or not isinstance(vouch_fraction, (int, float)) or not 0 < vouch_fraction <= 1:
+            raise ValueError(f"Expected `vouch_fraction` in (0, 1], but got {vouch_fraction!r}")
+        self.vouch_fraction = float(vouch_fraction)
         self.fast_drop = float(fast_drop)
         self.fast_drop_time = float(fast_drop_time)
         self.window_steps = window_steps
@@ -223,6 +281,9 @@ class LinkEstimator:
         self._steps: deque[tuple[tuple[float, ...], tuple[float, ...]]] = deque(maxlen=window_steps)
         # last latency fitted from a step with spread sizes: used once every such step has left the window
         self._held_alpha: float | None = None
+        # largest sample ever seen, and the bandwidth of the last window whose payloads were comparable to it
+        self._ref_bytes = 0.0
+        self._held_bandwidth: float | None = None
 
     def update(self, nbytes: Sequence[float], seconds: Sequence[float]) -> None:
         """Add one step's samples; samples with no bytes or non-finite values are ignored."""
@@ -252,9 +313,35 @@ class LinkEstimator:
         alpha = self._alpha()
         if alpha is not None:
             self._held_alpha = alpha
+        largest = self._window_largest()
+        if largest > 0:
+            self._ref_bytes = max(self._ref_bytes, largest)
+            if largest >= self.vouch_fraction * self._ref_bytes:
+                self._held_bandwidth = self._window_estimate().bandwidth
 
     def compute(self) -> LinkEstimate:
-        """The current estimate; ``LinkEstimate()`` (``samples == 0``, infinite bandwidth) before any sample."""
+        """The current estimate; ``LinkEstimate()`` (``samples == 0``, infinite bandwidth) before any sample.
+
+        The window's estimate, except that a window of small payloads only (below ``vouch_fraction`` of the
+        largest sample seen) cannot raise the bandwidth above the last estimate of a window that could vouch.
+        """
+        est = self._window_estimate()
+        held = self._held_bandwidth
+        if (
+            held is not None
+            and est.bandwidth > held
+            and self._window_largest() < self.vouch_fraction * self._ref_bytes
+        ):
+            return LinkEstimate(
+                alpha=est.alpha, bandwidth=held, max_bandwidth=est.max_bandwidth, min_rtt=est.min_rtt,
+                samples=est.samples,
+            )
+        return est
+
+    def _window_largest(self) -> float:
+        return max((max(b) for b, _ in self._steps if b), default=0.0)
+
+    def _window_estimate(self) -> LinkEstimate:
         steps = [(b, s, self.decay**age) for age, (b, s) in enumerate(reversed(self._steps)) if b]
         if not steps:
             return LinkEstimate()
@@ -280,7 +367,7 @@ class LinkEstimator:
         # measurable": a compressed step's few kilobytes are unmeasurable on a slow link as well.
         largest = max(max(b) for b, _, _ in steps)
         recent = zip(betas[: self.max_filter_steps], steps[: self.max_filter_steps])
-        if any(beta_j == 0.0 and max(b) >= 0.25 * largest for beta_j, (b, _, _) in recent):
+        if any(beta_j == 0.0 and max(b) >= self.vouch_fraction * largest for beta_j, (b, _, _) in recent):
             beta = 0.0
 
         return LinkEstimate(
@@ -320,10 +407,19 @@ class LinkEstimator:
         """Forget every sample and the held latency."""
         self._steps.clear()
         self._held_alpha = None
+        self._ref_bytes = 0.0
+        self._held_bandwidth = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (loads with ``torch.load(weights_only=True)``)."""
-        return {"steps": [[list(b), list(s)] for b, s in self._steps], "held_alpha": self._held_alpha}
+        held = self._held_bandwidth
+        return {
+            "steps": [[list(b), list(s)] for b, s in self._steps],
+            "held_alpha": self._held_alpha,
+            "ref_bytes": self._ref_bytes,
+            # inf is a float; weights_only loading accepts it
+            "held_bandwidth": held,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -332,10 +428,13 @@ class LinkEstimator:
             self._steps.append((tuple(float(x) for x in b), tuple(float(x) for x in s)))
         held = state.get("held_alpha")
         self._held_alpha = None if held is None else float(held)
+        self._ref_bytes = float(state.get("ref_bytes", 0.0))
+        held_bw = state.get("held_bandwidth")
+        self._held_bandwidth = None if held_bw is None else float(held_bw)
 
     def __repr__(self) -> str:
         return (
             f"LinkEstimator(window_steps={self.window_steps}, decay={self.decay:g}, "
             f"min_size_ratio={self.min_size_ratio:g}, resolution={self.resolution:g}, "
-            f"max_filter_steps={self.max_filter_steps})"
+            f"max_filter_steps={self.max_filter_steps}, vouch_fraction={self.vouch_fraction:g})"
         )

@@ -9,7 +9,7 @@ import torch
 
 from lightning_netsense.adaptive import PRIOR_REL_ERROR, NetSensePolicy, predicted_comm_time
 from lightning_netsense.observation import CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
-from lightning_netsense.sensing import LinkEstimator
+from lightning_netsense.sensing import LinkEstimator, probe_answered_fast, probe_size, probe_wait
 
 MBIT = 1e6 / 8
 NUMELS = (250_000, 750_000)  # two fp32 buckets, 4 MB of gradients
@@ -255,22 +255,44 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, name):
         NetSensePolicy(**kwargs)
 
 
-def _simulate(policy, estimator, bandwidths, overlap=0.05, burst=0.0):
+def _simulate(policy, estimator, bandwidths, overlap=0.05, burst=0.0, probes=None):
     """Closed loop on a synthetic link: each step's collectives are timed from the mode chosen the step before.
 
     ``burst`` bytes per collective go at the line rate (a token bucket's burst), the rest at the step's rate.
+    While a lossy mode runs, bandwidth probes are sized and scheduled as ``NetSenseState`` does (with its
+    ``probe_every=2, probe_fraction=0.05``); their seconds are appended to ``probes`` if given.
     """
     decision, modes = Decision("none"), []
     line_rate = 10_000 * MBIT
-    for bandwidth in bandwidths:
+    probe, probe_bytes, next_probe = None, 0, 0
+
+    def timed(sizes, bandwidth):
+        return [ALPHA + min(b, burst) / line_rate + max(0.0, b - burst) / bandwidth for b in sizes]
+
+    for step, bandwidth in enumerate(bandwidths):
         obs = observe(bandwidth, overlap=overlap)
         profile = obs.codecs[decision.mode]
         sizes = [wire_bytes(p, obs.world_size, profile.summable) for p in profile.payload_bytes] + [480.0]
-        seconds = [ALPHA + min(b, burst) / line_rate + max(0.0, b - burst) / bandwidth for b in sizes]
+        seconds = timed(sizes, bandwidth)
+        comm = sum(seconds[:-1])
+        believed = estimator.compute()
+        if probe is not None:  # the last boundary's probe is reported with this step, as the hook does
+            sizes, seconds = [*sizes, probe[0]], [*seconds, probe[1]]
+            fast = probe_answered_fast(believed, *probe)
+            next_probe = step + probe_wait(probe[1], obs.step_time, 0.05, 2, fast)
         estimator.update(sizes, seconds)
-        obs = dataclasses.replace(obs, decision=decision, link=estimator.compute(), comm_time=sum(seconds[:-1]))
+        obs = dataclasses.replace(obs, decision=decision, link=estimator.compute(), comm_time=comm)
         decision = policy.decide(obs)
         modes.append(decision.mode)
+        last = probe or (0.0, 0.0)
+        probe = None
+        if decision.mode != "none" and step + 1 >= next_probe:
+            fast = probe_answered_fast(believed, *last)
+            probe_bytes = probe_size(obs.link.bandwidth, fast, probe_bytes, obs.step_time, max(obs.bucket_bytes), 0.05, 2)
+            probe = (float(probe_bytes), timed([probe_bytes], bandwidth)[0])
+            next_probe = step + 3
+            if probes is not None:
+                probes.append(probe[1])
     return modes
 
 
@@ -283,15 +305,13 @@ def test_closed_loop_drop_and_restore():
     assert modes[-1] == "none" and _changes(modes[30:]) == 1  # back to plain DDP once, without flapping
 
 
-def test_closed_loop_token_bucket_burst_is_re_probed_ever_more_rarely():
-    # compressed payloads fit in the burst and look fast: each relaxation fails, the next waits twice as long
-    modes = _simulate(NetSensePolicy(confirm=1), LinkEstimator(), [20 * MBIT] * 120, burst=125_000.0)
-    relaxations = [i for i in range(1, len(modes)) if modes[i] == "none" and modes[i - 1] != "none"]
-    gaps = [b - a for a, b in itertools.pairwise(relaxations)]
-    assert len(relaxations) >= 3 and all(b > a for a, b in itertools.pairwise(gaps))
-    # and each failed probe is undone within a few steps: the estimator's max filter needs three slow steps
-    # (a single slow step could be a stall), so a probe costs at most three slow steps
-    assert all(any(m != "none" for m in modes[i + 1 : i + 5]) for i in relaxations)
+def test_closed_loop_token_bucket_burst_does_not_fool_the_policy():
+    """Measured at 20 Mbit/s behind a 128 KB tbf burst: compressed payloads and small probes passed at line rate,
+    the estimate went infinite, and NetSense relaxed to dense steps of 4.3 s (and probed with whole buckets)."""
+    probes = []
+    modes = _simulate(NetSensePolicy(confirm=1), LinkEstimator(), [20 * MBIT] * 120, burst=125_000.0, probes=probes)
+    assert modes[0] != "none" and "none" not in modes  # never relaxed to a dense step the link cannot carry
+    assert probes and sum(probes) <= 0.05 * 0.1 * len(modes) * 1.5  # probes stay within their amortised budget
 
 
 def test_more_compression_needs_confirmation_by_consecutive_observations():
@@ -326,3 +346,17 @@ def test_when_nothing_fits_progress_per_second_beats_raw_step_time():
     # on a link so slow that fp16 is a 30x longer step, top-k's lower progress per step is worth it
     slow = observe(bandwidth_for("none", 60.0), errors={"fp16": 3e-4, "topk": 0.9})
     assert NetSensePolicy(confirm=1, modes=("none", "fp16", "topk")).decide(slow).mode == "topk"
+
+
+def test_warmup_decision_compresses_with_stateless_codecs_only_and_keeps_the_hysteresis():
+    """Measured: two dense warm-up steps cost 8.4 s at 20 Mbit/s (61 % of static PowerSGD's time to accuracy)."""
+    policy = NetSensePolicy()
+    allowed = [d for d in policy.candidates() if d.mode != "powersgd"]
+    before = policy.state_dict()
+    slow = policy.warmup_decision(observe(20 * MBIT), allowed)
+    assert slow in allowed and slow.mode != "none"
+    assert policy.warmup_decision(observe(10_000 * MBIT), allowed).mode == "none"
+    assert policy.warmup_decision(observe(20 * MBIT, samples=0), allowed).mode == "none"  # nothing measured
+    assert policy.state_dict() == before  # no hysteresis committed during the warm-up
+    # the base class keeps plain DDP (a custom policy opts in)
+    assert super(NetSensePolicy, policy).warmup_decision(observe(20 * MBIT), allowed).mode == "none"

@@ -282,9 +282,15 @@ def test_powersgd_non_finite_reaches_every_rank_and_spares_the_factors():
 
 
 # ----------------------------------------------------------------------------- error feedback
-@pytest.mark.parametrize("modes", [("int8",), ("topk",), ("powersgd",), ("topk", "int8", "powersgd", "fp16")])
-def test_error_feedback_conserves_the_gradient(modes):
-    """Over T steps, what was sent plus the final residual equals the sum of the gradients (modes may switch)."""
+@pytest.mark.parametrize("in_place", [False, True], ids=["apply-update", "compensate-settle"])
+@pytest.mark.parametrize(
+    "modes", [("int8",), ("topk",), ("powersgd",), ("fp16",), ("bf16",), ("topk", "int8", "powersgd", "fp16")]
+)
+def test_error_feedback_conserves_the_gradient(modes, in_place):
+    """Over T steps, what was sent plus the final residual equals the sum of the gradients (modes may switch).
+
+    ``compensate``/``settle`` with each codec's ``subtract_sent_`` (the hook's allocation-free path) must keep
+    exactly the residual that ``apply``/``update`` with ``decompress`` keeps."""
     layout = _layout(world=1)
     codecs = {m: CODECS[m]() for m in modes}
     feedback = ErrorFeedback()
@@ -294,10 +300,21 @@ def test_error_feedback_conserves_the_gradient(modes):
     for step in range(12):
         codec = codecs[modes[step % len(modes)]]
         grad = torch.randn(layout.numel, generator=gen)
-        compensated = feedback.apply(layout.index, grad)
-        payload, ctx = codec.compress(compensated, layout)
-        sent = codec.decompress(payload, ctx, layout)
-        err2, _ = feedback.update(layout.index, compensated, sent)
+        original = grad.clone()
+        if in_place:
+            compensated = feedback.compensate(layout.index, grad)
+            payload, ctx = codec.compress(compensated, layout)
+            sent = codec.decompress(payload, ctx, layout)
+            expected = compensated - sent
+            err2, _ = feedback.settle(layout.index, compensated, lambda c: codec.subtract_sent_(c, payload, ctx, layout))
+            torch.testing.assert_close(feedback.residual(layout.index), expected, rtol=0, atol=1e-6)
+            assert feedback.norm() == pytest.approx(float(expected.norm()), rel=1e-5)
+            assert torch.equal(grad, original)  # the bucket itself is not touched
+        else:
+            compensated = feedback.apply(layout.index, grad)
+            payload, ctx = codec.compress(compensated, layout)
+            sent = codec.decompress(payload, ctx, layout)
+            err2, _ = feedback.update(layout.index, compensated, sent)
         assert err2 > 0  # lossy
         # the aggregate of a world of one is exactly what was sent
         torch.testing.assert_close(codec.aggregate(payload, ctx, layout), sent, rtol=1e-6, atol=1e-6)
@@ -306,3 +323,34 @@ def test_error_feedback_conserves_the_gradient(modes):
     residual = feedback.residual(layout.index).double()
     torch.testing.assert_close(total_sent + residual, total_grad, rtol=0, atol=1e-4)
     assert residual.norm() > 0
+
+
+@pytest.mark.parametrize("mode", ["int8", "topk", "powersgd", "fp16", "bf16"])
+def test_subtract_sent_is_compensated_minus_own_contribution(mode):
+    layout = _layout(world=2)
+    codec = CODECS[mode]()
+    compensated = torch.randn(layout.numel, generator=torch.Generator().manual_seed(1))
+    payload, ctx = codec.compress(compensated, layout)
+    expected = compensated - codec.decompress(payload, ctx, layout)
+    torch.testing.assert_close(codec.subtract_sent_(compensated.clone(), payload, ctx, layout), expected)
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "topk", "powersgd", "fp16", "bf16"])
+def test_aggregate_into_the_bucket_equals_aggregate(mode):
+    layout = _layout(world=2)
+    gen = torch.Generator().manual_seed(2)
+    payloads = []
+    for _ in range(2):  # two ranks' payloads, as the collective would deliver them
+        codec = CODECS[mode]()
+        payload, ctx = codec.compress(torch.randn(layout.numel, generator=gen), layout)
+        payloads.append(payload)
+    collected = payloads[0] + payloads[1] if codec.summable else torch.cat(payloads)
+    expected = CODECS[mode]().aggregate(collected.clone(), ctx, layout) if mode != "powersgd" else None
+    if mode == "powersgd":  # aggregate advances the warm start: compare two identical codecs
+        twin = CODECS[mode]()
+        _, twin_ctx = twin.compress(torch.randn(layout.numel, generator=torch.Generator().manual_seed(2)), layout)
+        expected = twin.aggregate(collected.clone(), twin_ctx, layout)
+    bucket = torch.full((layout.numel,), float("nan"))
+    out = codec.aggregate_into(collected.clone(), ctx, layout, bucket)
+    assert out.data_ptr() == bucket.data_ptr()
+    torch.testing.assert_close(bucket, expected.view_as(bucket))

@@ -206,13 +206,16 @@ def test_hook_without_feedback_stays_within_the_codec_bound(dist_pool, mode):
     out = dist_pool.run(_hook_run, FixedPolicy(mode=mode), 6, False, timeout=120)
     for rank in range(2):
         for step, (used, err, finite, bounds) in enumerate(out[rank]["records"]):
-            assert used == ("none" if step < 2 else mode)
+            # the first step measures the link in plain DDP; PowerSGD (per-bucket warm starts) waits for the
+            # bucket rebuild, stateless codecs run from the second step
+            assert used == ("none" if step < (2 if mode == "powersgd" else 1) else mode)
             assert finite
             # int8: half a quantisation step per element; top-k: the dropped mass of each rank; PowerSGD: a
             # projection of the mean, never longer than the mean itself
             assert err <= bounds[mode] * (1 + 1e-6), f"{mode} step {step}: {err:.3f} > {bounds[mode]:.3f}"
         assert out[rank]["records"][-1][1] > 1e-4  # lossy indeed
-        assert out[rank]["records"][1][1] < 1e-6  # warm-up steps are plain allreduce
+        plain = 2 if mode == "powersgd" else 1
+        assert all(r[1] < 1e-6 for r in out[rank]["records"][:plain])  # plain allreduce in those warm-up steps
     torch.testing.assert_close(out[0]["params"], out[1]["params"], rtol=0, atol=0)
 
 

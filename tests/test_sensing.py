@@ -12,6 +12,9 @@ from lightning_netsense.sensing import (
     LinkEstimator,
     fit_latency_bandwidth,
     peak_in_flight,
+    probe_answered_fast,
+    probe_size,
+    probe_wait,
     queue_corrected_durations,
     step_fit,
     weighted_median,
@@ -296,3 +299,69 @@ def test_tiny_unmeasurable_steps_do_not_vouch_for_a_fast_link():
         feed(est, [3e3, probe], 20 * MBIT)
         feed(est, [3e3], 20 * MBIT)  # a compressed step without probe: 0.3 ms of transfer, unmeasurable
     assert est.compute().bandwidth == pytest.approx(20 * MBIT, rel=0.05)
+
+
+def burst_timed(sizes, bandwidth, burst=131072, line=10_000 * MBIT):
+    """A tbf token bucket: the first ``burst`` bytes of a collective pass at line rate, the rest at ``bandwidth``."""
+    return [ALPHA + min(b, burst) / line + max(0.0, b - burst) / bandwidth for b in sizes]
+
+
+def test_payloads_inside_a_shaper_burst_cannot_raise_the_estimate():
+    """Measured at 20 Mbit/s behind a 128 KB tbf burst: PowerSGD's kilobytes (and 64 KB probes) passed at line
+    rate, the estimate went infinite, and the policy relaxed to a dense step that took 4.3 s."""
+    est = LinkEstimator()
+    for _ in range(3):
+        sizes = [*DENSE, PROBE]
+        est.update(sizes, burst_timed(sizes, 20 * MBIT))
+    assert est.compute().bandwidth == pytest.approx(20 * MBIT, rel=0.1)
+    for probe in [None, 65536, None, 131072] * 4:  # compressed steps; probes that fit in the burst
+        sizes = [3e3, 5e3, PROBE] + ([probe] if probe else [])
+        est.update(sizes, burst_timed(sizes, 20 * MBIT))
+        assert est.compute().bandwidth <= 20 * MBIT * 1.1
+    # a slower link is still seen from small payloads alone (they may lower the estimate)
+    for _ in range(3):
+        sizes = [3e4, 5e4, PROBE]
+        est.update(sizes, timed(sizes, 2 * MBIT))
+    assert est.compute().bandwidth == pytest.approx(2 * MBIT, rel=0.1)
+    # a probe comparable to the dense buckets measures a real recovery
+    for _ in range(2):
+        sizes = [3e3, 5e3, PROBE, 1e6]
+        est.update(sizes, burst_timed(sizes, 1000 * MBIT))
+    assert est.compute().bandwidth > 500 * MBIT
+    # and the state survives a checkpoint
+    other = LinkEstimator()
+    other.load_state_dict(est.state_dict())
+    assert other.compute() == est.compute()
+
+
+def test_vouch_fraction_is_validated():
+    for bad in (0, 1.5, True, "x"):
+        with pytest.raises(ValueError, match="`vouch_fraction`"):
+            LinkEstimator(vouch_fraction=bad)
+
+
+def test_probe_size_budget_doubling_floor_and_cap():
+    largest = 8e6
+    # the budget: 5 % of the 2 steps until the next probe at 20 Mbit/s, raised to the 64 KB floor
+    assert probe_size(20 * MBIT, False, 0, 0.1, largest, 0.05, 2) == 65536
+    assert probe_size(1000 * MBIT, False, 0, 0.1, largest, 0.05, 2) == pytest.approx(1.25e6, abs=4)
+    # a probe that answered fast is doubled, up to the largest bucket, never above it
+    assert probe_size(20 * MBIT, True, 65536, 0.1, largest, 0.05, 2) == 131072
+    assert probe_size(20 * MBIT, True, 6e6, 0.1, largest, 0.05, 2) == largest
+    # an infinite estimate does not jump to the largest bucket (it cost 1.9 s per probe at 20 Mbit/s)
+    assert probe_size(math.inf, False, 0, 0.1, largest, 0.05, 2) == 65536
+    assert probe_size(math.inf, False, 65536, 0.1, largest, 0.05, 2) == 131072
+    assert probe_size(20 * MBIT, False, 0, 0.1, 1000, 0.05, 2) == 1000  # tiny model: the bucket itself
+    assert probe_size(20 * MBIT, False, 0, 0.1, 0, 0.05, 2) == 0
+
+
+def test_probe_wait_keeps_probes_within_their_budget():
+    # a 26 ms probe with 5 % of 0.1 s steps: 6 steps (0.026 <= 0.05 * 0.1 * 6)
+    assert probe_wait(0.026, 0.1, 0.05, 2) == 6
+    assert probe_wait(0.001, 0.1, 0.05, 2) == 2  # never more often than `every` ...
+    assert probe_wait(0.001, 0.1, 0.05, 2, fast=True) == 1  # ... unless the link answered fast: probe on
+    assert probe_wait(0.5, 0.1, 0.05, 2, fast=True) == 100  # but never beyond the budget
+    link = LinkEstimate(alpha=ALPHA, bandwidth=20 * MBIT)
+    assert probe_answered_fast(link, 131072, 0.001)  # a burst: 128 KB in 1 ms at a believed 20 Mbit/s
+    assert not probe_answered_fast(link, 131072, 0.05)
+    assert not probe_answered_fast(link, 131072, 0.0)  # no probe

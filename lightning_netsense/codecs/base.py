@@ -57,6 +57,9 @@ class Codec(ABC):
     lossy: ClassVar[bool] = True
     #: options and their defaults, e.g. ``{"density": 0.01}``; a decision may override them per step
     default_options: ClassVar[Mapping[str, float]] = {}
+    #: keeps per-bucket state of its own across steps (PowerSGD's warm start); such a codec does not run in the
+    #: warm-up, while DDP may still rebuild its buckets (error-feedback residuals are checked per bucket layout)
+    bucket_state: ClassVar[bool] = False
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,6 +94,15 @@ class Codec(ABC):
     def decompress(self, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         """This rank's own contribution as the others will see it, unscaled (same scale as the input)."""
 
+    def subtract_sent_(self, compensated: Tensor, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
+        """``compensated`` minus this rank's own contribution (what :meth:`decompress` returns): the new residual.
+
+        May work in place in ``compensated`` (the error-feedback memory, which the codec no longer needs once
+        the payload is built) and return it. The default decompresses and subtracts; codecs override it where
+        the residual is cheaper to form directly (a cast: one fused pass; top-k: zero the kept entries).
+        """
+        return compensated.sub_(self.decompress(payload, ctx, layout).view_as(compensated))
+
     @abstractmethod
     def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         """Average of all ranks' contributions from the collective's output, flat, ``layout.numel`` elements.
@@ -98,3 +110,14 @@ class Codec(ABC):
         ``collected`` is the summed payload for a summable codec, else the ``world_size`` payloads laid end
         to end (the output tensor of ``all_gather_into_tensor``).
         """
+
+    def aggregate_into(self, collected: Tensor, ctx: Any, layout: BucketLayout, out: Tensor) -> Tensor:
+        """:meth:`aggregate`, written into ``out`` (the bucket, ``layout.numel`` elements); returns ``out``.
+
+        The hook calls this one. The default copies :meth:`aggregate`'s result (nothing when it already is
+        ``out``); codecs override it to write the average straight into the bucket without a full-size copy.
+        """
+        result = self.aggregate(collected, ctx, layout)
+        if result.data_ptr() != out.data_ptr():
+            out.copy_(result.view_as(out))
+        return out

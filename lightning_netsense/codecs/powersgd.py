@@ -123,6 +123,7 @@ class PowerSGDCodec(Codec):
 
     name = "powersgd"
     summable = True
+    bucket_state = True
     default_options: Mapping[str, Any] = {"rank": 4}
 
     def __init__(self) -> None:
@@ -147,23 +148,45 @@ class PowerSGDCodec(Codec):
     def compress(self, tensor: Tensor, layout: BucketLayout, **options: Any) -> tuple[Tensor, Any]:
         state = self._state(layout, int(options.get("rank", self.default_options["rank"])), tensor.device)
         flat = tensor.reshape(-1).float()
-        parts: list[Tensor] = []
+        rank = state.rank
+        payload = torch.empty(state.plan.payload_numel(rank, state.left), dtype=torch.float32, device=flat.device)
+        pos = 0
         for group, p, q in zip(state.plan.groups, state.p, state.q):
-            mats = _matrices(flat, group)
-            half = torch.bmm(mats, q) if state.left else torch.bmm(mats.transpose(1, 2), p)
-            parts.append(half.reshape(-1))
-        parts += [flat[off : off + length] for off, length in state.plan.raw]
+            size = group.n * group.m
+            rows = group.n if state.left else group.m
+            for j, off in enumerate(group.offsets):
+                # each matrix's half straight into its slice of the payload: no stacked copy of the gradients
+                mat = flat[off : off + size].view(group.n, group.m)
+                target = payload[pos : pos + rows * rank].view(rows, rank)
+                if state.left:
+                    torch.mm(mat, q[j], out=target)
+                else:
+                    torch.mm(mat.T, p[j], out=target)
+                pos += rows * rank
+        for off, length in state.plan.raw:
+            payload[pos : pos + length] = flat[off : off + length]
+            pos += length
         # the factors and half used now travel in ctx: aggregate must rebuild with them, not with updated ones
-        return torch.cat(parts), (state, state.left, list(state.p), list(state.q))
+        return payload, (state, state.left, list(state.p), list(state.q))
 
     def decompress(self, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         state, left, p, q = ctx
         return _rebuild(payload, state.plan, left, p, q, layout.numel)[0]
 
+    def subtract_sent_(self, compensated: Tensor, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
+        # each matrix's low-rank product subtracted in place (addmm_), no full-size decompressed copy
+        state, left, p, q = ctx
+        _rebuild(payload, state.plan, left, p, q, layout.numel, out=compensated.view(-1), subtract=True)
+        return compensated
+
     def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
+        return self.aggregate_into(collected, ctx, layout, None)
+
+    def aggregate_into(self, collected: Tensor, ctx: Any, layout: BucketLayout, out: Tensor | None) -> Tensor:
         state, left, p, q = ctx
         mean = collected / layout.world_size
-        out, halves = _rebuild(mean, state.plan, left, p, q, layout.numel)
+        flat = None if out is None else out.view(-1)
+        out, halves = _rebuild(mean, state.plan, left, p, q, layout.numel, out=flat)
         if self._states.get(layout.index) is state:  # not reset while the collective was in flight
             for i, half in enumerate(halves):
                 if left:
@@ -192,20 +215,23 @@ class PowerSGDCodec(Codec):
         return state
 
 
-def _matrices(flat: Tensor, group: _Group) -> Tensor:
-    """The group's gradients as a ``(b, n, m)`` batch (a view when there is one)."""
-    size = group.n * group.m
-    if len(group.offsets) == 1:
-        off = group.offsets[0]
-        return flat[off : off + size].view(1, group.n, group.m)
-    return torch.stack([flat[off : off + size].view(group.n, group.m) for off in group.offsets])
-
-
 def _rebuild(
-    payload: Tensor, plan: _Plan, left: bool, p: list[Tensor], q: list[Tensor], numel: int
+    payload: Tensor,
+    plan: _Plan,
+    left: bool,
+    p: list[Tensor],
+    q: list[Tensor],
+    numel: int,
+    out: Tensor | None = None,
+    subtract: bool = False,
 ) -> tuple[Tensor, list[Tensor]]:
-    """The flat gradient a payload stands for, and each group's half (``A`` if ``left`` else ``B``)."""
-    out = torch.empty(numel, dtype=torch.float32, device=payload.device)
+    """The flat gradient a payload stands for, and each group's half (``A`` if ``left`` else ``B``).
+
+    Written into ``out`` (flat, ``numel`` float32) if given - or subtracted from it with ``subtract`` - one
+    matrix product at a time straight into its slice: no full-size temporary (each cost page faults).
+    """
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32, device=payload.device)
     halves = []
     pos = 0
     for group, pg, qg in zip(plan.groups, p, q):
@@ -214,13 +240,20 @@ def _rebuild(
         half = payload[pos : pos + b * rows * r].view(b, rows, r)
         pos += half.numel()
         halves.append(half)
-        # A Q^T = M Q Q^T (rows projected on span Q), or P B^T = P P^T M (columns projected on span P)
-        mats = torch.bmm(half, qg.transpose(1, 2)) if left else torch.bmm(pg, half.transpose(1, 2))
         size = group.n * group.m
         for j, off in enumerate(group.offsets):
-            out[off : off + size] = mats[j].reshape(-1)
+            # A Q^T = M Q Q^T (rows projected on span Q), or P B^T = P P^T M (columns projected on span P)
+            a, bt = (half[j], qg[j].T) if left else (pg[j], half[j].T)
+            target = out[off : off + size].view(group.n, group.m)
+            if subtract:
+                target.addmm_(a, bt, alpha=-1.0)
+            else:
+                torch.mm(a, bt, out=target)
     for off, length in plan.raw:
-        out[off : off + length] = payload[pos : pos + length]
+        if subtract:
+            out[off : off + length] -= payload[pos : pos + length]
+        else:
+            out[off : off + length] = payload[pos : pos + length]
         pos += length
     return out, halves
 

@@ -110,6 +110,11 @@ class TopKCodec(Codec):
         out = torch.zeros(layout.numel, dtype=torch.float32, device=payload.device)
         return out.index_put_((payload[k:].long(),), payload[:k].view(torch.float32))
 
+    def subtract_sent_(self, compensated: Tensor, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
+        # the kept entries were sent exactly, the rest not at all: zero the k kept entries (a sparse update)
+        k = ctx
+        return compensated.view(-1).index_fill_(0, payload[k:].long(), 0.0).view_as(compensated)
+
     def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         k = ctx
         rows = collected.view(layout.world_size, 2 * k)
