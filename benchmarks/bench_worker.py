@@ -8,12 +8,14 @@ in ``--control``:
 2. write ``ready_<i>_<rank>`` and wait for ``go_<i>``: meanwhile the driver puts the link into the trace's
    starting state (model set-up, e.g. DDP's initial broadcast, runs on an unshaped link);
 3. train up to ``steps`` steps or until the *training* clock (wall time minus evaluation) passes ``cap_s``.
-   The ranks agree on stopping with a one-float ``all_reduce`` after every step, so that they stop at the same
-   step (one rank stopping alone would leave the other in a collective). Every ``eval_every`` steps and at the
-   end, both ranks evaluate on the test split (outside the training clock);
+   The ranks agree on stopping and on evaluating with a two-float ``all_reduce`` after every step, so that they
+   stop and evaluate at the same steps (one rank stopping alone would leave the other in a collective). At
+   step 0, every ``eval_every`` steps, once ``eval_every_s`` training seconds passed since the last evaluation,
+   and at the end, both ranks evaluate on the test split (outside the training clock);
 4. write ``result_<i>_<rank>.json``: per step the training clock, wall time (``time.time()``, comparable with
    the driver's clock across namespaces), the mode used and the link estimate (hook-based contenders), the
-   bytes the veth sent and received; the evaluations; the steps per mode.
+   bytes the veth sent and received; the evaluations; the steps per mode; the TCP payload this process sent on
+   its own sockets during training (``socket_bytes``: competing flows excluded).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import argparse
 import gc
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 import traceback
@@ -69,10 +73,35 @@ class _Counters:
         return out[0], out[1]
 
 
+def socket_bytes(ss_output: str, pid: int) -> int:
+    """Sum of ``bytes_sent`` over the TCP sockets of process ``pid`` in ``ss -tinpH`` output.
+
+    Counting this process's own sockets (gloo's connections) keeps the competing flows of the congestion trace,
+    which cross the same veth, out of the count; it is TCP payload, without headers and ACKs.
+    """
+    total = 0
+    mine = False
+    for line in ss_output.splitlines():
+        if not line.startswith((" ", "\t")):  # a socket's first line: addresses and owning processes
+            mine = f"pid={pid}," in line
+        elif mine:
+            m = re.search(r"\bbytes_sent:(\d+)", line)
+            if m:
+                total += int(m.group(1))
+    return total
+
+
+def _own_socket_bytes() -> int:
+    try:
+        out = subprocess.run(["ss", "-tinpH"], check=False, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return socket_bytes(out, os.getpid())
+
+
 def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: _Counters) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
-
     from contenders import build
     from workloads import loss_fn, make_workload
 
@@ -83,6 +112,7 @@ def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: 
     model = contender.model
     opt = work.make_optimizer(model)
     eval_module = work.model  # DDP shares the module: evaluating it needs no collective
+    accuracy = work.evaluate  # None for throughput-only workloads
     synced = job["contender"] != "ideal"
 
     if synced:
@@ -93,17 +123,19 @@ def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: 
 
     steps: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
-    flag = torch.zeros(1)
+    flag = torch.zeros(2)  # [time cap reached, evaluation due]
+    eval_every_s = float(job.get("eval_every_s") or float("inf"))
     t_go = time.time()
     train = 0.0
     tx0, rx0 = counters.read()
+    sock0 = _own_socket_bytes() if synced else 0
     stop_reason = "steps"
 
     def evaluate(step: int) -> None:
-        if work.evaluate is None:
+        if accuracy is None:
             return
         t = time.perf_counter()
-        acc = work.evaluate(eval_module)
+        acc = accuracy(eval_module)
         evals.append({"step": step, "train_s": train, "acc": acc, "eval_s": time.perf_counter() - t})
 
     evaluate(0)
@@ -118,23 +150,29 @@ def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: 
         opt.step()
         train += time.perf_counter() - t0
         tx, rx = counters.read()
-        rec = {"step": step, "train_s": train, "wall": time.time(), "loss": float(loss.detach()), "tx": tx - tx0, "rx": rx - rx0}
+        rec = {"step": step, "train_s": train, "wall": time.time(), "loss": float(loss.detach()),
+               "tx": tx - tx0, "rx": rx - rx0}
         rec.update(contender.step_info())
         steps.append(rec)
-        if step % job["eval_every"] == 0 and step < job["steps"]:
-            evaluate(step)
-        # stop together: the slowest clock decides (a rank stopping alone would hang the other)
+        # stop together: the slowest clock decides (a rank stopping alone would hang the other). The same
+        # all_reduce agrees on evaluating: every `eval_every` steps, or once `eval_every_s` training seconds
+        # passed since the last evaluation, so that time to accuracy has the same resolution in seconds for
+        # slow contenders (a 4 s step at 20 Mbit/s) as for fast ones
         t0 = time.perf_counter()
         flag[0] = 1.0 if train >= job["cap_s"] else 0.0
+        flag[1] = 1.0 if accuracy is not None and train - evals[-1]["train_s"] >= eval_every_s else 0.0
         if synced:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         train += time.perf_counter() - t0
         if flag[0] > 0:
             stop_reason = "cap"
             break
+        if step < job["steps"] and (step % job["eval_every"] == 0 or flag[1] > 0):
+            evaluate(step)
     if not evals or evals[-1]["step"] != steps[-1]["step"]:
         evaluate(steps[-1]["step"])
     state = contender.state
+    sock1 = _own_socket_bytes() if synced else 0
     result = {
         "id": jid,
         "rank": rank,
@@ -149,6 +187,7 @@ def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: 
         "evals": evals,
         "mode_steps": dict(state.mode_steps) if state is not None else {contender.fixed_mode: len(steps)},
         "hook_bytes": state.total_bytes_sent if state is not None else None,
+        "socket_bytes": sock1 - sock0,
     }
     del contender, model, opt, work, state
     gc.collect()
@@ -189,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             job = json.load(f)
         try:
             result = run_job(job, args.rank, args.world_size, args.control, counters)
-        except Exception:  # noqa: BLE001 - reported to the driver, which restarts the ranks
+        except Exception:
             _write_json(os.path.join(args.control, f"error_{job['id']}_{args.rank}.json"),
                         {"error": traceback.format_exc()[-4000:]})
             raise

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CONTENDERS", "LABELS", "Contender", "build", "run_pilot"]
+__all__ = ["CONTENDERS", "LABELS", "STATIC_COMPRESSORS", "Contender", "build", "hook_state", "run_pilot"]
 
 #: contender names in table order
 CONTENDERS: tuple[str, ...] = ("ideal", "ddp", "fp16", "powersgd", "topk", "aimd", "netsense")
@@ -108,12 +108,12 @@ def build(name: str, model: Any, torch_powersgd: bool = True, bucket_cap_mb: flo
     if name not in CONTENDERS:
         raise ValueError(f"Expected `name` to be one of {CONTENDERS}, but got {name!r}")
     if name == "ideal":
-        return Contender(name, model)
+        return Contender(name, model, fixed_mode="local")  # no exchange at all
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # BatchNorm running statistics are only used in evaluation; broadcasting them every forward would add
-    # traffic outside the gradient hook that no contender can compress
-    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, broadcast_buffers=False)
+    # BatchNorm running statistics are only used in evaluation; syncing them every forward would add traffic
+    # outside the gradient hook that no contender can compress (they are still synced once, at init)
+    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, forward_sync_buffers=False)
     if name == "ddp":
         return Contender(name, ddp)
     if name == "fp16":
@@ -131,7 +131,17 @@ def build(name: str, model: Any, torch_powersgd: bool = True, bucket_cap_mb: flo
         ddp.register_comm_hook(state, psgd.powerSGD_hook)
         return Contender(name, ddp, fixed_mode="powersgd(torch)", keep=[state])
 
-    from lightning_netsense import FixedPolicy, NetSenseState, netsense_hook
+    from lightning_netsense import netsense_hook
+
+    state = hook_state(name)
+    ddp.register_comm_hook(state, netsense_hook)
+    return Contender(name, ddp, state=state, standin=name == "powersgd")
+
+
+def hook_state(name: str) -> Any:
+    """The :class:`NetSenseState` of a hook-based contender (``powersgd`` stand-in, ``topk``, ``aimd``,
+    ``netsense``); it binds to the process group lazily, so building it needs none."""
+    from lightning_netsense import FixedPolicy, NetSenseState
 
     if name == "powersgd":
         policy = FixedPolicy(mode="powersgd", rank=4)
@@ -141,13 +151,18 @@ def build(name: str, model: Any, torch_powersgd: bool = True, bucket_cap_mb: flo
         from lightning_netsense.aimd import AIMDPolicy
 
         policy = AIMDPolicy()
-    else:
+    elif name == "netsense":
         from lightning_netsense.adaptive import NetSensePolicy
 
         policy = NetSensePolicy()
-    state = NetSenseState(policy=policy)
-    ddp.register_comm_hook(state, netsense_hook)
-    return Contender(name, ddp, state=state, standin=name == "powersgd")
+    else:
+        raise ValueError(f"Expected a hook-based contender (powersgd, topk, aimd, netsense), but got {name!r}")
+    # a static compressor never reads the link estimate: it must not pay for the bandwidth probes the state
+    # sends while a lossy mode runs (DGC does not probe either). FixedPolicy says so itself
+    # (`uses_link_estimate = False`); probe_every=0 makes it independent of that default.
+    if name in STATIC_COMPRESSORS:
+        return NetSenseState(policy=policy, probe_every=0)
+    return NetSenseState(policy=policy)
 
 
 # ---------------------------------------------------------------------------------------------- the pilot
@@ -194,7 +209,7 @@ def run_pilot(workload: str, timeout: float = 90.0) -> dict[str, Any]:
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         outs = [os.path.join(tmp, f"r{r}.json") for r in (0, 1)]
-        logs = [open(os.path.join(tmp, f"r{r}.log"), "w+") for r in (0, 1)]
+        logs = [open(os.path.join(tmp, f"r{r}.log"), "w+") for r in (0, 1)]  # noqa: SIM115 - closed below
         procs = [
             subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--pilot-rank", str(r), "--port", str(port),
@@ -204,16 +219,18 @@ def run_pilot(workload: str, timeout: float = 90.0) -> dict[str, Any]:
             for r in (0, 1)
         ]
         t0 = time.monotonic()
-        while any(p.poll() is None for p in procs) and time.monotonic() - t0 < timeout:
-            if any(p.poll() not in (None, 0) for p in procs):
-                time.sleep(2.0)  # let the other rank fail or report too
-                break
-            time.sleep(0.1)
-        hung = [p.poll() is None for p in procs]
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        try:
+            while any(p.poll() is None for p in procs) and time.monotonic() - t0 < timeout:
+                if any(p.poll() not in (None, 0) for p in procs):
+                    time.sleep(2.0)  # let the other rank fail or report too
+                    break
+                time.sleep(0.1)
+            hung = [p.poll() is None for p in procs]
+        finally:  # also on Ctrl-C or SIGTERM: never leave a pilot rank behind
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         tails = []
         for f in logs:
             f.seek(0)

@@ -1,348 +1,560 @@
-"""Shaped-link benchmark: every contender, same model, data, seed and trace, on a kernel-shaped link.
+"""Shaped-link benchmark: every contender, same model, data, seed and trace, across a kernel-shaped link.
 
-As root: two network namespaces joined by a veth pair, ``tc tbf`` on both ends, one rank in each
-(``benchmarks/bench_worker.py``), everything removed afterwards, also on Ctrl-C.
+As root, from the repository root (see ``benchmarks/README.md``)::
 
-    python benchmarks/shaped_bench.py --quick        # digits on the dynamic and 100 Mbit/s traces (< 10 min)
-    python benchmarks/shaped_bench.py                # all traces, digits + ResNet-18-sized CNN (see README)
+    python benchmarks/shaped_bench.py --quick    # the targets only -> results/results_quick.json
+    python benchmarks/shaped_bench.py            # every trace and contender -> results/results.json
 
-Prints a rich table, writes ``--out``/results.json and PNG plots, and PASS/MISS lines for the targets.
+It creates two network namespaces joined by a veth pair shaped with ``tc tbf`` on both ends
+(:class:`lightning_netsense.netem.ShapedLink`), starts one rank in each (``bench_worker.py``, kept alive for all
+runs), and for every (workload, trace, contender) hands the ranks a job, puts the link into the trace's starting
+state, lets them train, and applies the trace's schedule from there (``tc qdisc change`` on time, competing TCP
+flows). Everything it creates is removed at the end, also on Ctrl-C, SIGTERM or an error.
+
+Output: a table per workload on the terminal, PASS/MISS lines for the issue's targets, the JSON results and PNG
+plots in ``--out``, and the wall-clock duration of the whole run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.dirname(_HERE))
 
-from contenders import CONTENDERS, LABELS, STATIC_COMPRESSORS  # noqa: E402
+import report
+from contenders import CONTENDERS, LABELS, run_pilot
 
-#: rate schedules: (seconds since the start of training, Mbit/s); None = unshaped
-TRACES: dict[str, list[tuple[float, float | None]]] = {
-    "unshaped": [(0.0, None)],
-    "1g": [(0.0, 1000.0)],
-    "100m": [(0.0, 100.0)],
-    "20m": [(0.0, 20.0)],
-    # steps between the three rates: fast, congested, medium, congested, fast, ... (period 40 s)
-    "dynamic": [(t0 + dt, r) for t0 in range(0, 400, 40) for dt, r in ((0, 1000.0), (8, 20.0), (24, 100.0), (32, 20.0))],
-    # 100 Mbit/s shared with competing TCP flows from the 5th second on
-    "congestion": [(0.0, 100.0)],
+#: rates of the static traces, Mbit/s
+STATIC = {"1g": 1000.0, "100m": 100.0, "20m": 20.0}
+TRACES = ("1g", "100m", "20m", "dynamic", "congestion")
+#: the dynamic trace repeats this cycle of (Mbit/s, seconds): 40 s, congested 60 % of the time. It starts congested:
+#: starting at 1 Gbit/s, plain DDP does ~80 digits steps in the first 8 s and every contender reaches 95 % before
+#: the first change, so the trace would only measure the 1 Gbit/s trace again
+DYNAMIC_CYCLE = ((20.0, 16.0), (100.0, 8.0), (20.0, 8.0), (1000.0, 8.0))
+#: the congestion trace: this rate, and ``flows`` competing TCP connections per direction, on for ``on_s``
+#: seconds every ``on_s + off_s`` seconds from ``first_s`` on
+CONGESTION = {"rate": 100.0, "flows": 2, "first_s": 5.0, "on_s": 10.0, "off_s": 5.0}
+
+#: steps of every CNN run: the warm-up steps left out of samples/s (report.WARMUP_STEPS) + 40 measured ones
+CNN_STEPS = report.WARMUP_STEPS + 40
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # per workload: every contender of `contenders` on every trace of `traces`, plus the single (trace, contender)
+    # jobs of `extra`; the ideal runs once per workload (unshaped). `steps`: step budget, `cap_s`: cap on the
+    # training clock (`cap_s_dynamic` on the dynamic trace), `eval_every`: evaluation every this many steps (0:
+    # never) and `eval_every_s`: also once this many training seconds passed since the last evaluation
+    "full": {
+        "digits": {"traces": list(TRACES), "contenders": list(CONTENDERS), "steps": 300, "cap_s": 45.0,
+                   "cap_s_dynamic": 60.0, "eval_every": 5, "eval_every_s": 1.0},
+        # the throughput targets' two traces only: ~40 measured steps of a 44.7 MB model at 20 Mbit/s would take
+        # 12 min per plain-DDP run
+        "cnn": {"traces": ["1g", "100m"], "contenders": list(CONTENDERS), "steps": CNN_STEPS, "cap_s": 60.0,
+                "eval_every": 0},
+    },
+    "quick": {
+        # plain DDP at 1 Gbit/s: the accuracy reference at NetSense's step count and the ideal's TTA step (plain
+        # DDP's maths do not depend on the link; on the dynamic trace it stops at a few dozen steps)
+        "digits": {"traces": ["dynamic"], "contenders": list(CONTENDERS), "extra": [["1g", "ddp"]], "steps": 200,
+                   "cap_s": 30.0, "cap_s_dynamic": 40.0, "eval_every": 5, "eval_every_s": 1.0},
+        "cnn": {"traces": ["100m", "1g"], "contenders": ["ideal", "netsense"], "extra": [["1g", "ddp"]],
+                "steps": CNN_STEPS, "cap_s": 60.0, "eval_every": 0},
+    },
 }
-_CONGESTION_FLOWS = 4
 
 
-def _apply_trace(link: Any, trace: str, t_go: float, stop: threading.Event, flows_seconds: float) -> None:
-    flows = None
-    for at, rate in TRACES[trace]:
-        if stop.wait(max(0.0, t_go + at - time.time())):
+# ---------------------------------------------------------------------------------------------- traces
+def trace_events(trace: str, horizon_s: float) -> list[tuple[float, str, float]]:
+    """Schedule of ``trace`` up to ``horizon_s``: ``(seconds after start, "rate" | "flows", value)``, sorted.
+
+    ``("rate", r)`` sets both ends to ``r`` Mbit/s; ``("flows", s)`` starts the competing flows for ``s`` seconds.
+    The first event is at 0 and sets the starting rate.
+    """
+    if trace in STATIC:
+        return [(0.0, "rate", STATIC[trace])]
+    if trace == "dynamic":
+        out, t, i = [], 0.0, 0
+        while t < horizon_s:
+            rate, seconds = DYNAMIC_CYCLE[i % len(DYNAMIC_CYCLE)]
+            out.append((t, "rate", rate))
+            t, i = t + seconds, i + 1
+        return out
+    if trace == "congestion":
+        c = CONGESTION
+        out = [(0.0, "rate", c["rate"])]
+        t = c["first_s"]
+        while t < horizon_s:
+            out.append((t, "flows", c["on_s"]))
+            t += c["on_s"] + c["off_s"]
+        return out
+    raise ValueError(f"Expected `trace` to be one of {TRACES}, but got {trace!r}")
+
+
+def rate_at(events: Sequence[tuple[float, str, float]], t: float) -> float | None:
+    """Shaped rate at ``t`` seconds after the start of a schedule from :func:`trace_events`."""
+    rate = None
+    for when, kind, value in events:
+        if when > t:
             break
-        link.set_rate(rate)
-        if trace == "congestion" and flows is None:
-            if stop.wait(5.0):
-                break
-            flows = link.competing_flows(flows=_CONGESTION_FLOWS, seconds=flows_seconds, source=1, port=5301)
-    stop.wait()
-    if flows is not None:
-        flows.stop()
+        if kind == "rate":
+            rate = value
+    return rate
 
 
-def _wait_files(paths: list[str], timeout: float, error_glob: str, control: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(os.path.exists(p) for p in paths):
-            return
-        errors = [f for f in os.listdir(control) if f.startswith(error_glob)]
-        if errors:
-            with open(os.path.join(control, errors[0])) as f:
-                raise RuntimeError(f"a rank failed:\n{json.load(f)['error']}")
-        time.sleep(0.05)
-    raise TimeoutError(f"ranks did not produce {paths} within {timeout:.0f} s")
+# ---------------------------------------------------------------------------------------------- the driver
+class JobFailed(RuntimeError):
+    pass
 
 
-def run_jobs(jobs: list[dict[str, Any]], log: Any) -> list[dict[str, Any]]:
-    """Run every job on one shaped link with two long-lived ranks; return rank 0's result of each."""
-    from lightning_netsense.netem import ShapedLink
+class Driver:
+    """Keeps one rank per namespace alive and runs jobs through files in a control folder."""
 
-    control = tempfile.mkdtemp(prefix="netsense_bench_")
-    results = []
-    python = sys.executable
-    with ShapedLink(rate_mbit=None) as link:
-        procs = [
-            link.popen(side, [python, os.path.join(_HERE, "bench_worker.py"), "--rank", str(side),
-                              "--master-addr", link.address(0), "--ifname", link.ifname(side),
-                              "--control", control, "--port", "29517"],
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            for side in (0, 1)
-        ]
+    def __init__(self, link: Any, control: str) -> None:
+        self.link, self.control = link, control
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Any] = []
+        self.port = 29511
+        self.next_id = 0
+
+    def start(self) -> None:
+        # leftovers of a failed job (both ranks may have reported an error) must not fail the next wait
+        for name in os.listdir(self.control):
+            if name.startswith(("alive_", "error_")):
+                os.remove(os.path.join(self.control, name))
+        self.port += 1  # a fresh rendezvous port after a restart (the old one may linger in TIME_WAIT)
+        for r in (0, 1):
+            log = open(os.path.join(self.control, f"worker{r}.log"), "a")  # noqa: SIM115 - closed in stop()/kill()
+            self.logs.append(log)
+            cmd = [sys.executable, os.path.join(_HERE, "bench_worker.py"), "--rank", str(r),
+                   "--master-addr", self.link.address(0), "--port", str(self.port), "--ifname", self.link.ifname(r),
+                   "--control", self.control, "--first-job", str(self.next_id)]
+            self.procs.append(self.link.popen(r, cmd, stdout=log, stderr=subprocess.STDOUT))
+        self._wait([f"alive_{r}" for r in (0, 1)], 240.0, "ranks to start", errors="error_")
+
+    def stop(self) -> None:
+        open(os.path.join(self.control, "quit"), "w").close()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        self._close_logs()
+        os.remove(os.path.join(self.control, "quit"))
+
+    def _close_logs(self) -> None:
+        for log in self.logs:
+            log.close()
+        self.logs.clear()
+
+    def log_tails(self, chars: int = 1500) -> str:
+        out = []
+        for r in (0, 1):
+            try:
+                with open(os.path.join(self.control, f"worker{r}.log")) as f:
+                    lines = f.read().splitlines()
+                text = "\n".join(ln for ln in lines if "Warning" not in ln and "ddp = DDP" not in ln)
+                out.append(f"--- rank {r}:\n{text[-chars:]}")
+            except OSError:
+                pass
+        return "\n".join(out)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        self._close_logs()
+
+    def _wait(self, names: list[str], timeout: float, what: str, tick=None, errors: str = "error_") -> None:
+        """Poll until every file in ``names`` exists; raise :class:`JobFailed` on an ``errors*`` file, a rank's exit
+        or the timeout. ``tick`` runs between polls (the trace's schedule)."""
+        deadline = time.monotonic() + timeout
+        while not all(os.path.exists(os.path.join(self.control, n)) for n in names):
+            # only complete reports (written to .tmp and renamed) of this job
+            found = sorted(n for n in os.listdir(self.control) if n.startswith(errors) and n.endswith(".json"))
+            if found:
+                with open(os.path.join(self.control, found[0])) as f:
+                    msg = json.load(f)["error"]
+                raise JobFailed(msg)
+            if any(p.poll() is not None for p in self.procs):
+                raise JobFailed(f"a rank exited (codes {[p.poll() for p in self.procs]}) while waiting for {what}\n"
+                                + self.log_tails())
+            if time.monotonic() > deadline:
+                raise JobFailed(f"timed out after {timeout:.0f} s waiting for {what}\n" + self.log_tails())
+            if tick is not None:
+                tick()
+            time.sleep(0.02)
+
+    def run(self, job: dict[str, Any], trace: str | None) -> dict[str, Any]:
+        """Run one job on both ranks; returns both ranks' results and the trace as applied."""
+        jid = job["id"] = self.next_id
+        self.next_id += 1
+        link = self.link
+        link.set_rate(None)  # set-up (DDP's initial broadcast) on the unshaped link
+        path = os.path.join(self.control, f"job_{jid}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(job, f)
+        os.replace(path + ".tmp", path)
+        self._wait([f"ready_{jid}_{r}" for r in (0, 1)], 300.0, "set-up", errors=f"error_{jid}_")
+        timeout = 2 * job["cap_s"] + 240.0
+        pending = trace_events(trace, timeout) if trace else []
+        applied: list[list[Any]] = []
+        flows: list[Any] = []
+        t_go = time.time()
+
+        def tick() -> None:
+            now = time.time() - t_go
+            while pending and pending[0][0] <= now:
+                _, kind, value = pending.pop(0)
+                try:
+                    if kind == "rate":
+                        link.set_rate(value)
+                    else:
+                        for src in (0, 1):  # both directions: a 2-rank allreduce uses both
+                            # a fresh port per burst: the last burst's receiver may still be closing
+                            port = 5201 + len(flows) % 40
+                            flows.append(link.competing_flows(CONGESTION["flows"], value, source=src, port=port))
+                except Exception as err:  # a failed job (the ranks are restarted), not a failed benchmark
+                    raise JobFailed(f"could not apply the trace ({kind} {value}): {err}") from err
+                applied.append([time.time(), kind, value])
+
         try:
-            for i, job in enumerate(jobs):
-                job = {**job, "id": i}
-                path = os.path.join(control, f"job_{i}.json")
-                with open(path + ".tmp", "w") as f:
-                    json.dump(job, f)
-                os.replace(path + ".tmp", path)
-                link.set_rate(None)  # model set-up (DDP's broadcast) runs unshaped
-                _wait_files([os.path.join(control, f"ready_{i}_{r}") for r in (0, 1)], 300, f"error_{i}_", control)
-                stop = threading.Event()
-                t_go = time.time()
-                first = TRACES[job["trace"]][0][1]
-                link.set_rate(first)
-                shaper = threading.Thread(target=_apply_trace, args=(link, job["trace"], t_go, stop, job["cap_s"] + 30))
-                shaper.start()
-                open(os.path.join(control, f"go_{i}"), "w").close()
-                try:
-                    _wait_files([os.path.join(control, f"result_{i}_{r}.json") for r in (0, 1)],
-                                job["cap_s"] * 3 + 600, f"error_{i}_", control)
-                finally:
-                    stop.set()
-                    shaper.join()
-                with open(os.path.join(control, f"result_{i}_0.json")) as f:
-                    res = json.load(f)
-                res["t_go_driver"] = t_go
-                results.append(res)
-                log(job, res)
+            tick()  # the starting state, before the ranks start
+            t_go = time.time()
+            applied.append([t_go, "go", 0])
+            open(os.path.join(self.control, f"go_{jid}"), "w").close()
+            self._wait([f"result_{jid}_{r}.json" for r in (0, 1)], timeout, f"job {jid}", tick=tick,
+                       errors=f"error_{jid}_")
         finally:
-            open(os.path.join(control, "quit"), "w").close()
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except Exception:  # noqa: BLE001
-                    p.kill()
-            shutil.rmtree(control, ignore_errors=True)
-    return results
+            for fl in flows:
+                fl.stop()
+        results = []
+        for r in (0, 1):
+            with open(os.path.join(self.control, f"result_{jid}_{r}.json")) as f:
+                results.append(json.load(f))
+        return {"ranks": results, "trace_log": applied, "t_go": t_go}
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-def summarise(res: dict[str, Any], target: float) -> dict[str, Any]:
-    steps, evals = res["steps"], res["evals"]
-    train_s = steps[-1]["train_s"] if steps else 0.0
-    samples = len(steps) * res["batch_size"] * 2
-    tta = next((e["train_s"] for e in evals if e["acc"] >= target), None)
-    modes: dict[str, int] = {}
-    for s in steps:
-        m = str(s.get("mode", "none")).split("(")[0]
-        modes[m] = modes.get(m, 0) + 1
+def _job(workload: str, contender: str, trace: str | None, cfg: dict[str, Any], seed: int, torch_psgd: bool,
+         target: float | None) -> dict[str, Any]:
+    cap = cfg.get("cap_s_dynamic", cfg["cap_s"]) if trace == "dynamic" else cfg["cap_s"]
     return {
-        "contender": res["job"]["contender"],
-        "label": LABELS["powersgd_standin"] if res.get("standin") else LABELS[res["job"]["contender"]],
-        "steps": len(steps),
-        "train_s": train_s,
-        "samples_per_s": samples / train_s if train_s > 0 else 0.0,
-        "time_to_target_s": tta,
-        "final_acc": evals[-1]["acc"] if evals else None,
-        "bytes_sent": steps[-1]["tx"] if steps else 0,
-        "mode_share": {m: n / len(steps) for m, n in sorted(modes.items())} if steps else {},
-        "stop": res["stop"],
-        "curve": [(e["train_s"], e["acc"]) for e in evals],
-        "trace_points": [(s["wall"] - res["t_go_driver"], s.get("bw_mbit"), s.get("mode")) for s in steps],
+        "workload": workload, "contender": contender, "trace": trace, "seed": seed, "steps": cfg["steps"],
+        "cap_s": cap, "eval_every": cfg["eval_every"] or 10**9, "eval_every_s": cfg.get("eval_every_s", 0.0),
+        "torch_powersgd": torch_psgd, "target": target,
     }
 
 
-def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
-    """Ratios of each contender to plain DDP, the best static compressor and the ideal (throughput and TTA)."""
-    def ratio(a: float | None, b: float | None, inverse: bool = False) -> float | None:
-        if not a or not b:
-            return None
-        return b / a if inverse else a / b
-
-    static = [rows[c] for c in STATIC_COMPRESSORS if c in rows]
-    best_tput = max(static, key=lambda r: r["samples_per_s"], default=None)
-    reached = [r for r in static if r["time_to_target_s"] is not None]
-    best_tta = min(reached, key=lambda r: r["time_to_target_s"], default=None)
-    for r in rows.values():
-        r["ratios"] = {}
-        for name, ref in (("ddp", rows.get("ddp")), ("best_static", best_tput), ("ideal", rows.get("ideal"))):
-            if ref is not None:
-                r["ratios"][f"throughput_vs_{name}"] = ratio(r["samples_per_s"], ref["samples_per_s"])
-        for name, ref in (("ddp", rows.get("ddp")), ("fp16", rows.get("fp16")), ("best_static", best_tta),
-                          ("aimd", rows.get("aimd"))):
-            if ref is not None:
-                # time-to-accuracy speed-up: reference time / own time (None when either did not reach it)
-                r["ratios"][f"tta_speedup_vs_{name}"] = ratio(r["time_to_target_s"], ref["time_to_target_s"], True)
+def job_plan(cfg: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """``(contender, trace)`` of every job of a workload's preset: the ideal once (unshaped, trace ``None``), then
+    trace by trace every other contender, then the ``extra`` jobs not already planned."""
+    plan: list[tuple[str, str | None]] = []
+    if "ideal" in cfg["contenders"]:
+        plan.append(("ideal", None))
+    plan += [(c, tr) for tr in cfg["traces"] for c in cfg["contenders"] if c != "ideal"]
+    for tr, c in cfg.get("extra", []):
+        if (c, tr) not in plan:
+            plan.append((c, tr))
+    return plan
 
 
-def _fmt(x: float | None, spec: str = ".1f", none: str = "-") -> str:
-    return none if x is None else format(x, spec)
+def run_all(args: argparse.Namespace, preset: dict[str, dict[str, Any]], console: Any,
+            t_start: float | None = None) -> dict[str, Any]:
+    """Run every job of ``preset`` on one shaped link; return the results (before :func:`slim`).
+
+    A failed job is reported (``failures``) and the ranks are restarted; if they cannot be restarted, the
+    remaining jobs are skipped and reported as failed, and the results of the jobs run so far are kept.
+    """
+    t_start = time.time() if t_start is None else t_start
+    from rich.markup import escape
+
+    from lightning_netsense.netem import ShapedLink, available, cleanup_stale
+
+    ok, why = available()
+    if not ok:
+        sys.exit(f"cannot shape a link here: {why}")
+    removed = cleanup_stale()
+    if removed:
+        console.print(f"removed stale namespaces of an earlier run: {', '.join(removed)}")
+    pilot: dict[str, Any] = {}
+    psgd_workloads = [wl for wl, cfg in preset.items() if any(c == "powersgd" for c, _ in job_plan(cfg))]
+    for wl in psgd_workloads:
+        console.print(f"[bold]pilot[/]: torch PowerSGD on gloo, DDP default buckets, workload {wl} ...")
+        pilot[wl] = run_pilot(wl, timeout=args.pilot_timeout)
+        console.print(f"  -> {'runs' if pilot[wl]['ok'] else 'cannot run: ' + escape(pilot[wl]['reason'])}")
+        if not args.quick or pilot[wl]["ok"]:
+            continue
+        # the quick run trusts one failed pilot for every workload (the cause is the hook, not the model)
+        for other in psgd_workloads:
+            pilot.setdefault(other, {**pilot[wl], "reason": pilot[wl]["reason"] + f" (pilot on {wl})"})
+        break
+    runs: list[dict[str, Any]] = []
+    raw: dict[str, Any] = {}
+    control = tempfile.mkdtemp(prefix="shaped_bench_")
+    failures: list[dict[str, Any]] = []
+    try:
+        with ShapedLink(rate_mbit=None) as link:
+            driver = Driver(link, control)
+            driver.start()
+            aborted: str | None = None
+            for wl, cfg in preset.items():
+                psgd_ok = bool(pilot.get(wl, {}).get("ok", False))
+                for contender, trace in job_plan(cfg):
+                    if aborted is not None:
+                        failures.append({"workload": wl, "trace": trace, "contender": contender,
+                                         "error": "not run (the ranks could not be restarted): " + aborted[-300:]})
+                        continue
+                    job = _job(wl, contender, trace, cfg, args.seed, psgd_ok, args.target if wl == "digits" else None)
+                    t0 = time.time()
+                    try:
+                        out = driver.run(job, trace)
+                    except JobFailed as err:
+                        console.print(f"[red]{wl}/{trace}/{contender} failed[/]: {escape(str(err)[-1500:])}")
+                        failures.append({"workload": wl, "trace": trace, "contender": contender,
+                                         "error": str(err)[-2000:]})
+                        driver.kill()
+                        try:
+                            driver.start()
+                        except JobFailed as again:
+                            console.print(f"[red]the ranks could not be restarted; skipping the remaining jobs[/]: "
+                                          f"{escape(str(again)[-800:])}")
+                            aborted = str(again)[-2000:]
+                        continue
+                    r0, r1 = out["ranks"]
+                    r0["bytes_total"] = r0["socket_bytes"] + r1["socket_bytes"]
+                    summary = report.summarise_run(r0, job["target"])
+                    summary["trace"] = trace
+                    summary["ranks_agree"] = [e["acc"] for e in r0["evals"]] == [e["acc"] for e in r1["evals"]]
+                    runs.append(summary)
+                    if contender != "ideal" and not summary["ranks_agree"]:
+                        console.print("[yellow]  the two ranks evaluated different accuracies: their models differ[/]")
+                    raw[f"{wl}/{trace}/{contender}"] = {"steps": r0["steps"], "evals": r0["evals"],
+                                                        "trace_log": out["trace_log"], "t_go": r0["t_go"]}
+                    label = LABELS["powersgd_standin"] if summary["standin"] else LABELS[contender]
+                    acc = summary["final_acc"]
+                    # the ideal's own model is never averaged: its TTA is derived from plain DDP's at the end
+                    own = contender == "ideal" and acc is not None
+                    tta = "derived later" if own else report.fmt(summary["tta_s"], ".1f", " s")
+                    console.print(
+                        f"  {wl:6} {trace or '-':10} {label:28} {summary['steps']:4d} steps {summary['train_s']:6.1f} s"
+                        f" ({summary['stop']}), {report.fmt(summary['samples_per_s'], '.0f')} samples/s, "
+                        f"TTA {tta}, acc {report.fmt(acc and 100 * acc, '.1f')}  [{time.time() - t0:.0f} s]"
+                    )
+            if aborted is None:
+                driver.stop()
+            else:
+                driver.kill()
+    finally:
+        shutil.rmtree(control, ignore_errors=True)
+    ideal_results = {k.split("/")[0]: {"steps": v["steps"]} for k, v in raw.items() if k.endswith("/ideal")}
+    report.compare(runs, ideal_results)
+    report.add_pairwise(runs)
+    ddp_evals = {k.split("/")[1]: v["evals"] for k, v in raw.items() if k.startswith("digits/") and k.endswith("/ddp")}
+    targets = report.evaluate_targets(runs, ddp_evals, raw.get("digits/dynamic/netsense", {}).get("evals"))
+    return {
+        "schema": report.SCHEMA_VERSION,
+        "preset": "quick" if args.quick else "full",
+        "seconds": time.time() - t_start,
+        "config": {"presets": preset, "target_accuracy": args.target, "seed": args.seed,
+                   "dynamic_cycle_mbit_s": DYNAMIC_CYCLE, "congestion": CONGESTION, "world_size": 2,
+                   "torch_threads_per_rank": 1, "warmup_steps_skipped_in_samples_per_s": report.WARMUP_STEPS},
+        "pilot_torch_powersgd": pilot,
+        "runs": runs,
+        "targets": targets,
+        "failures": failures,
+        "series": raw,
+    }
 
 
-def print_tables(report: dict[str, Any], console: Any) -> None:
+# ---------------------------------------------------------------------------------------------- output
+_STEP_KEYS = ("step", "train_s", "wall", "mode", "bw_mbit", "comm_s", "backward_s")
+
+
+def _round(x: Any, digits: int = 4) -> Any:
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _round(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v, digits) for v in x]
+    return x
+
+
+def slim(results: dict[str, Any], all_steps: bool = False) -> dict[str, Any]:
+    """The results to commit: per-step series only where a plot needs them, numbers to 4 significant digits.
+
+    Kept: every run's evaluations; per-step mode and estimate of the adaptive contenders (NetSensePolicy,
+    AIMDPolicy; every contender with ``all_steps``) with the trace as applied; the ideal's clock per step (its TTA
+    and accuracy line). The input is not modified.
+    """
+    out = dict(results)
+    series = {}
+    walls: dict[str, Any] = {}
+    for key, data in results["series"].items():
+        contender = key.split("/")[2]
+        kept: dict[str, Any] = {"evals": [{k: e[k] for k in ("step", "train_s", "acc")} for e in data["evals"]]}
+        if contender in ("netsense", "aimd") or (all_steps and contender != "ideal"):
+            kept["steps"] = [{k: st.get(k) for k in _STEP_KEYS if k != "wall"} for st in data["steps"]]
+            # wall-clock times need more digits than the rest
+            walls[key] = (round(data["t_go"], 3), [[round(w, 3), kind, v] for w, kind, v in data["trace_log"]],
+                          [round(st["wall"], 3) for st in data["steps"]])
+        elif contender == "ideal":
+            kept["steps"] = [{"step": st["step"], "train_s": st["train_s"]} for st in data["steps"]]
+        series[key] = kept
+    out["series"] = series
+    out = _round(out)
+    for key, (t_go, log, step_walls) in walls.items():
+        v = out["series"][key]
+        v["t_go"], v["trace_log"] = t_go, log
+        for st, w in zip(v["steps"], step_walls):
+            st["wall"] = w
+    return out
+
+
+def print_tables(results: dict[str, Any], console: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    for key, rows in report["results"].items():
-        table = Table(title=f"{key}")
-        for col in ("contender", "steps", "samples/s", "time to target s", "final acc", "MB sent", "modes",
-                    "tput/DDP", "tput/ideal", "TTA x DDP"):
-            table.add_column(col, justify="left" if col in ("contender", "modes") else "right")
-        for r in rows.values():
-            table.add_row(
-                r["label"], str(r["steps"]), _fmt(r["samples_per_s"]),
-                _fmt(r["time_to_target_s"], ".1f", "not reached" if r["final_acc"] is not None else "-"),
-                _fmt(None if r["final_acc"] is None else 100 * r["final_acc"], ".1f"),
-                _fmt(r["bytes_sent"] / 1e6, ".1f"),
-                " ".join(f"{m}:{100 * s:.0f}%" for m, s in r["mode_share"].items()),
-                _fmt(r["ratios"].get("throughput_vs_ddp"), ".2f"), _fmt(r["ratios"].get("throughput_vs_ideal"), ".2f"),
-                _fmt(r["ratios"].get("tta_speedup_vs_ddp"), ".2f"),
-            )
+    runs = results["runs"]
+    for wl in sorted({r["workload"] for r in runs}):
+        table = Table(title=f"{wl}: {'time to accuracy' if wl == 'digits' else 'throughput'} across a shaped link")
+        cols = ["trace", "contender", "steps", "samples/s", "vs DDP", "vs ideal"]
+        if wl == "digits":
+            cols += ["TTA s", "TTA vs DDP", "vs best static", "final acc %"]
+        cols += ["MB sent", "modes"]
+        for c in cols:
+            table.add_column(c, justify="left" if c in ("trace", "contender", "modes") else "right")
+        order = {c: i for i, c in enumerate(CONTENDERS)}
+        trace_order = {t: i for i, t in enumerate(TRACES)}
+        for r in sorted((r for r in runs if r["workload"] == wl),
+                        key=lambda r: (trace_order.get(r["trace"], -1), order[r["contender"]])):
+            ratios = r.get("ratios", {})
+            label = LABELS["powersgd_standin"] if r["standin"] else LABELS[r["contender"]]
+            row = [r["trace"] or "unshaped", label, f"{r['steps']}{'*' if r['stop'] == 'cap' else ''}",
+                   report.fmt(r["samples_per_s"], ".0f"), report.fmt(ratios.get("throughput_vs_ddp"), ".2f", "×"),
+                   report.fmt(ratios.get("throughput_vs_ideal"), ".2f", "×")]
+            if wl == "digits":
+                acc = r["final_acc"]
+                reached = r["tta_s"] is not None or r["contender"] == "ideal"
+                tta = report.fmt(r["tta_s"], ".1f") if reached else "not reached"
+                row += [tta, report.fmt_speedup(ratios.get("tta_speedup_vs_ddp")),
+                        report.fmt_speedup(ratios.get("tta_speedup_vs_best_static")),
+                        report.fmt(acc and 100 * acc, ".1f")]
+            share = ", ".join(f"{m} {100 * v:.0f}%" for m, v in sorted(r["mode_share"].items(), key=lambda kv: -kv[1]))
+            row += [report.fmt(r["bytes_sent"] / 1e6, ".1f") if r["contender"] != "ideal" else "0", share]
+            table.add_row(*row)
         console.print(table)
+    console.print("* stopped by the time cap before the step budget. TTA: training seconds to the target accuracy; "
+                  "≥: a lower bound (the baseline never reached the target). ideal TTA: its clock at plain DDP's "
+                  "step to the target.")
+    for wl, p in results.get("pilot_torch_powersgd", {}).items():
+        if not p.get("ok"):
+            console.print(f"[yellow]torch PowerSGD cannot run on gloo with several buckets ({wl}: "
+                          f"{escape(p['reason'][:170])}) - this project's 'powersgd' codec (rank 4) stands in.[/]")
+    for f in results.get("failures", []):
+        console.print(f"[red]FAILED[/] {f['workload']}/{f['trace']}/{f['contender']}: {escape(f['error'][-300:])}")
+    for t in results["targets"]:
+        colour = {"PASS": "green", "MISS": "red"}.get(t["status"], "yellow")
+        value = "-" if t["value"] is None else (("≥" if t.get("lower_bound") else "") + f"{t['value']:.2f}")
+        console.print(f"[{colour}]{t['status']:4}[/] {t['name']}: {value} (target {t['threshold']:g})"
+                      + (f"  - {escape(t['note'])}" if t["note"] else ""))
 
 
-def check_targets(report: dict[str, Any]) -> list[str]:
-    """PASS/MISS lines for the issue's targets, with the measured ratio (MISS when it could not be measured)."""
-    lines = []
-    res = report["results"]
-
-    def line(name: str, value: float | None, goal: float, higher: bool = True) -> None:
-        ok = value is not None and (value >= goal if higher else value <= goal)
-        lines.append(f"{'PASS' if ok else 'MISS'}  {name}: measured {_fmt(value, '.2f', 'n/a')} (target {'>=' if higher else '<='} {goal})")
-
-    dyn = res.get("digits/dynamic")
-    if dyn and "netsense" in dyn:
-        ns = dyn["netsense"]
-        for ref, goal in (("ddp", 8), ("fp16", 2.5), ("best_static", 1.5), ("aimd", 1.3)):
-            line(f"dynamic: NetSense time-to-accuracy speed-up vs {ref}", ns["ratios"].get(f"tta_speedup_vs_{ref}"), goal)
-        if "ddp" in dyn and ns["final_acc"] is not None and dyn["ddp"]["final_acc"] is not None:
-            line("dynamic: final accuracy gap to plain DDP (points)", 100 * (dyn["ddp"]["final_acc"] - ns["final_acc"]), 0.5, higher=False)
-    for wl in ("cnn", "digits"):
-        r100 = res.get(f"{wl}/100m")
-        if r100 and "netsense" in r100 and "ideal" in r100:
-            line(f"{wl} 100 Mbit/s: NetSense throughput / ideal", r100["netsense"]["ratios"].get("throughput_vs_ideal"), 0.85)
-        r1g = res.get(f"{wl}/1g")
-        if r1g and "netsense" in r1g and "ddp" in r1g:
-            line(f"{wl} 1 Gbit/s: NetSense throughput / plain DDP", r1g["netsense"]["ratios"].get("throughput_vs_ddp"), 0.97)
-    return lines
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # a SystemExit unwinds the driver: flows stopped, ranks stopped, namespaces and the control folder removed
+    # (netem's own handler removes the namespaces first, then calls this one)
+    raise SystemExit(128 + signum)
 
 
-def plot(report: dict[str, Any], out: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lightning_netsense.observation import MODE_CODES
-
-    paths = []
-    dyn = report["results"].get("digits/dynamic") or report["results"].get("digits/1g")
-    if dyn and "netsense" in dyn:
-        pts = dyn["netsense"]["trace_points"]
-        t = [p[0] for p in pts]
-        fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-        horizon = max(t) if t else 1
-        sched = [(a, r) for a, r in TRACES[report["traces"]["digits/dynamic"] if "digits/dynamic" in report["traces"] else "1g"] if a <= horizon]
-        xs, ys = [], []
-        for k, (a, r) in enumerate(sched):
-            end = sched[k + 1][0] if k + 1 < len(sched) else horizon
-            xs += [a, end]
-            ys += [r, r]
-        ax1.plot(xs, ys, label="shaped rate (tc tbf)", color="black")
-        ax1.plot(t, [p[1] if p[1] is not None else float("nan") for p in pts], ".", label="estimated bandwidth")
-        ax1.set_yscale("log")
-        ax1.set_ylabel("Mbit/s")
-        ax1.legend()
-        ax2.step(t, [MODE_CODES.get(str(p[2]).split("(")[0], -1) for p in pts], where="post")
-        ax2.set_yticks(list(MODE_CODES.values()), list(MODE_CODES))
-        ax2.set_xlabel("seconds since start of training")
-        ax2.set_ylabel("mode")
-        fig.suptitle("NetSensePolicy on the dynamic trace")
-        fig.tight_layout()
-        p = os.path.join(out, "dynamic_bandwidth_mode.png")
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
-    for key, rows in report["results"].items():
-        if not key.startswith("digits/"):
-            continue
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for r in rows.values():
-            if r["curve"]:
-                ax.plot([c[0] for c in r["curve"]], [100 * c[1] for c in r["curve"]], marker=".", label=r["label"])
-        ax.axhline(100 * report["target"], color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("training seconds")
-        ax.set_ylabel("test accuracy %")
-        ax.set_ylim(50, 100)
-        ax.set_title(f"accuracy vs wall time, {key}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = os.path.join(out, f"accuracy_{key.replace('/', '_')}.png")
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
-    return paths
+def _csv(value: str, allowed: Sequence[str], what: str, parser: argparse.ArgumentParser) -> list[str]:
+    items = [v for v in value.split(",") if v]
+    unknown = [v for v in items if v not in allowed]
+    if unknown:
+        parser.error(f"unknown {what} {', '.join(unknown)} (choose from {', '.join(allowed)})")
+    return items
 
 
 def main(argv: list[str] | None = None) -> None:
+    t_start = time.time()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="the targets only: digits on the dynamic trace (+ plain DDP at 1 Gbit/s as the accuracy "
+                        "reference), CNN at 100 Mbit/s and 1 Gbit/s")
+    p.add_argument("--out", default=os.path.join(_HERE, "results"), help="folder for the JSON and the plots")
+    p.add_argument("--name", default="",
+                   help="base name of the JSON file and suffix of the plots (default: results for the full run, "
+                        "results_quick for --quick, results_custom when a selection or override option is given)")
+    p.add_argument("--workloads", default="", help="comma-separated subset of digits,cnn")
+    p.add_argument("--traces", default="", help="comma-separated traces for every workload, replacing the preset's "
+                                                "(" + ",".join(TRACES) + "); drops the preset's extra jobs")
+    p.add_argument("--contenders", default="", help="comma-separated subset of " + ",".join(CONTENDERS)
+                                                    + "; drops the preset's extra jobs")
+    p.add_argument("--steps", type=int, default=0, help="override the step budget of every workload")
+    p.add_argument("--cap-s", type=float, default=0.0, help="override the training-time cap of every run")
+    p.add_argument("--target", type=float, default=0.95, help="test accuracy for time to accuracy (digits)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pilot-timeout", type=float, default=60.0)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--all-steps", action="store_true", help="keep every run's per-step series in the JSON (diagnosis)")
+    args = p.parse_args(argv)
+    if not 0 < args.target <= 1:
+        p.error(f"--target is a test accuracy in (0, 1], got {args.target}")
+    if args.steps < 0 or args.cap_s < 0:
+        p.error("--steps and --cap-s must be positive")
     from rich.console import Console
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="digits on the dynamic and 100 Mbit/s traces only")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
-    p.add_argument("--traces", default=None, help="comma-separated digits traces (default: all; --quick: dynamic,100m)")
-    p.add_argument("--cnn-traces", default=None, help="comma-separated CNN traces (default: 1g,100m; --quick: none)")
-    p.add_argument("--cap", type=float, default=None, help="training seconds per digits run (default 45; quick 25)")
-    p.add_argument("--cnn-steps", type=int, default=8)
-    p.add_argument("--target", type=float, default=0.90, help="test accuracy of time-to-accuracy (default 0.90)")
-    p.add_argument("--out", default=os.path.join(_HERE, "results"))
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        sys.exit("needs root (network namespaces and tc)")
-    console = Console(width=170)
-    contenders = [c for c in args.contenders.split(",") if c]
-    traces = (args.traces or ("dynamic,100m" if args.quick else "dynamic,1g,100m,20m,congestion")).split(",")
-    cnn_traces = [t for t in (args.cnn_traces or ("" if args.quick else "1g,100m")).split(",") if t]
-    cap = args.cap or (25.0 if args.quick else 45.0)
-    jobs = []
-    for trace in traces:
-        for c in contenders:
-            jobs.append({"workload": "digits", "trace": "unshaped" if c == "ideal" else trace, "key": f"digits/{trace}",
-                         "contender": c, "steps": 100_000, "cap_s": cap, "eval_every": 5, "seed": args.seed,
-                         "torch_powersgd": False})
-    for trace in cnn_traces:
-        for c in contenders:
-            jobs.append({"workload": "cnn", "trace": "unshaped" if c == "ideal" else trace, "key": f"cnn/{trace}",
-                         "contender": c, "steps": args.cnn_steps, "cap_s": 60.0, "eval_every": 10**9,
-                         "seed": args.seed, "torch_powersgd": False})
-    t0 = time.time()
-
-    def log(job: dict[str, Any], res: dict[str, Any]) -> None:
-        s = summarise(res, args.target)
-        console.print(f"[{time.time() - t0:6.0f} s] {job['key']:<18} {s['label']:<30} {s['steps']:>5} steps "
-                      f"{s['samples_per_s']:8.1f} samples/s  final acc {_fmt(s['final_acc'], '.3f')}")
-
-    results = run_jobs(jobs, log)
-    report: dict[str, Any] = {"target": args.target, "cap_s": cap, "quick": args.quick, "traces": {}, "results": {},
-                              "note": "torch's powerSGD_hook fails/hangs on gloo with several buckets (DESIGN.md); "
-                                      "this project's 'powersgd' mode (rank 4) stands in for it."}
-    for job, res in zip(jobs, results):
-        report["traces"][job["key"]] = job["key"].split("/")[1]
-        report["results"].setdefault(job["key"], {})[job["contender"]] = summarise(res, args.target)
-    for rows in report["results"].values():
-        add_ratios(rows)
-    report["duration_s"] = time.time() - t0
+    # a log file is not a terminal: do not squeeze the tables into 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 190)
+    preset = json.loads(json.dumps(PRESETS["quick" if args.quick else "full"]))
+    if args.workloads:
+        preset = {w: preset[w] for w in _csv(args.workloads, list(preset), "workload", p)}
+    traces = _csv(args.traces, TRACES, "trace", p)
+    contenders = _csv(args.contenders, CONTENDERS, "contender", p)
+    for cfg in preset.values():
+        if traces or contenders:
+            cfg.pop("extra", None)
+        if traces:
+            cfg["traces"] = traces
+        if contenders:
+            cfg["contenders"] = [c for c in CONTENDERS if c in contenders]
+        if args.steps:
+            cfg["steps"] = args.steps
+        if args.cap_s:
+            cfg["cap_s"] = cfg["cap_s_dynamic"] = args.cap_s
+    custom = bool(args.workloads or traces or contenders or args.steps or args.cap_s)
+    name = args.name or ("results_custom" if custom else "results_quick" if args.quick else "results")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    results = run_all(args, preset, console, t_start)
+    results["name"] = name
     os.makedirs(args.out, exist_ok=True)
-    print_tables(report, console)
-    console.print(f"[bold]{report['note']}[/bold]")
-    report["targets"] = check_targets(report)
-    for line in report["targets"]:
-        console.print(line)
-    report["plots"] = [os.path.basename(x) for x in plot(report, args.out)]
-    slim = json.loads(json.dumps(report))
-    for rows in slim["results"].values():
-        for r in rows.values():
-            r["trace_points"] = r["trace_points"][:: max(1, len(r["trace_points"]) // 200)]
-    path = os.path.join(args.out, "quick.json" if args.quick else "results.json")
+    print_tables(results, console)
+    if not args.no_plots:
+        import plots
+
+        suffix = name[len("results"):] if name.startswith("results") else "_" + name
+        for path in plots.make_all(results, args.out, suffix=suffix):
+            console.print(f"plot: {os.path.relpath(path)}")
+    path = os.path.join(args.out, name + ".json")
+    results["seconds"] = time.time() - t_start
     with open(path, "w") as f:
-        json.dump(slim, f, indent=1)
-    console.print(f"results: {path}; plots: {', '.join(report['plots'])}; {report['duration_s']:.0f} s in all")
+        json.dump(slim(results, args.all_steps), f, indent=1)
+    console.print(f"results: {os.path.relpath(path)}")
+    seconds = time.time() - t_start
+    console.print(f"[bold]wall-clock duration of this run: {int(seconds // 60)} min {seconds % 60:.0f} s[/]")
 
 
 if __name__ == "__main__":
