@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import itertools
+import math
 
 import pytest
 import torch
@@ -360,3 +361,18 @@ def test_warmup_decision_compresses_with_stateless_codecs_only_and_keeps_the_hys
     assert policy.state_dict() == before  # no hysteresis committed during the warm-up
     # the base class keeps plain DDP (a custom policy opts in)
     assert super(NetSensePolicy, policy).warmup_decision(observe(20 * MBIT), allowed).mode == "none"
+
+
+def test_lower_error_never_buys_more_than_max_slowdown():
+    """ResNet-18-sized CNN at 100 Mbit/s: int8 (1.1 s of exposed communication per 0.5 s step) beat PowerSGD on
+    predicted progress (PowerSGD's measured per-step error ~0.9) although error feedback re-sends the rest."""
+    numels = (7_000_000, 4_000_000)
+    errors = {"int8": 0.004, "powersgd": 0.9, "topk": 0.95, "fp16": 3e-4, "bf16": 2e-3}
+    obs = observe(100 * MBIT, overlap=0.3, step_time=0.5, numels=numels, errors=errors, costs={"powersgd": 1e-9})
+    assert NetSensePolicy(max_slowdown=math.inf).choose(obs) == "int8"  # the unbounded progress model
+    assert NetSensePolicy().choose(obs) == "powersgd"  # int8's step would be > 2x PowerSGD's
+    # where the slowdown is moderate (1 Gbit/s), the less lossy mode still wins on progress
+    fast = observe(1000 * MBIT, overlap=0.3, step_time=0.5, numels=numels, errors=errors)
+    assert NetSensePolicy().choose(fast) in ("fp16", "bf16", "int8")
+    with pytest.raises(ValueError, match="`max_slowdown`"):
+        NetSensePolicy(max_slowdown=0.5)
