@@ -285,8 +285,16 @@ class LinkEstimator:
         self._ref_bytes = 0.0
         self._held_bandwidth: float | None = None
 
-    def update(self, nbytes: Sequence[float], seconds: Sequence[float]) -> None:
-        """Add one step's samples; samples with no bytes or non-finite values are ignored."""
+    def update(self, nbytes: Sequence[float], seconds: Sequence[float], reference: float | None = None) -> None:
+        """Add one step's samples; samples with no bytes or non-finite values are ignored.
+
+        Args:
+            nbytes: wire bytes of each sample.
+            seconds: duration of each sample.
+            reference: wire bytes of the largest *dense* payload of the current layout (the hook passes its
+                largest bucket). Samples are compared with it for ``vouch_fraction``; without it, the largest
+                sample ever seen is the reference (DDP's first-step buckets differ from the rebuilt ones).
+        """
         if len(nbytes) != len(seconds):
             raise ValueError(f"Expected as many sizes as times, but got {len(nbytes)} and {len(seconds)}")
         keep = [
@@ -314,8 +322,11 @@ class LinkEstimator:
         if alpha is not None:
             self._held_alpha = alpha
         largest = self._window_largest()
+        if reference is not None and reference > 0 and math.isfinite(reference):
+            self._ref_bytes = float(reference)
         if largest > 0:
-            self._ref_bytes = max(self._ref_bytes, largest)
+            if reference is None:
+                self._ref_bytes = max(self._ref_bytes, largest)
             if largest >= self.vouch_fraction * self._ref_bytes:
                 self._held_bandwidth = self._window_estimate().bandwidth
 
@@ -337,6 +348,10 @@ class LinkEstimator:
                 samples=est.samples,
             )
         return est
+
+    def vouches(self, nbytes: float) -> bool:
+        """Whether a sample of ``nbytes`` wire bytes may raise the estimate (see ``vouch_fraction``)."""
+        return nbytes > 0 and nbytes >= self.vouch_fraction * self._ref_bytes
 
     def _window_largest(self) -> float:
         return max((max(b) for b, _ in self._steps if b), default=0.0)

@@ -170,14 +170,15 @@ def test_non_finite_gradient_reaches_every_rank(dist_pool, mode):
         assert out[rank]["residual_finite"]
 
 
-class _LinkAwareBF16(FixedPolicy):
+class _LinkAware(FixedPolicy):
     uses_link_estimate = True  # as an adaptive policy: its decisions would depend on the estimate
 
 
-def _probing(probe_every: int, link_aware: bool = True) -> dict:
+def _probing(probe_every: int, link_aware: bool = True, mode: str = "topk") -> dict:
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
-    policy = _LinkAwareBF16(mode="bf16") if link_aware else FixedPolicy(mode="bf16")
+    options = {"density": 0.01} if mode == "topk" else {}
+    policy = _LinkAware(mode=mode, **options) if link_aware else FixedPolicy(mode=mode, **options)
     state = NetSenseState(policy=policy, probe_every=probe_every)
     ddp.register_comm_hook(state, netsense_hook)
     sizes, samples = [], []
@@ -206,6 +207,9 @@ def test_bandwidth_probe_runs_while_compressed_with_agreed_sizes(dist_pool):
     # a fixed policy ignores the estimate: it must not pay for probes (static compressors did, in the benchmark)
     fixed = dist_pool.run(_probing, 2, False)
     assert not any(w > 0 for w in fixed[0]["wire"])
+    # bf16 buckets are half the dense ones: the training traffic measures the link itself, no probe is needed
+    half = dist_pool.run(_probing, 2, True, "bf16")
+    assert not any(w > 0 for w in half[0]["wire"])
 
 
 class _WarmupPowerSGD(FixedPolicy):

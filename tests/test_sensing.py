@@ -365,3 +365,13 @@ def test_probe_wait_keeps_probes_within_their_budget():
     assert probe_answered_fast(link, 131072, 0.001)  # a burst: 128 KB in 1 ms at a believed 20 Mbit/s
     assert not probe_answered_fast(link, 131072, 0.05)
     assert not probe_answered_fast(link, 131072, 0.0)  # no probe
+
+
+def test_reference_is_the_current_largest_dense_payload():
+    """DDP's first step has other buckets than the rebuilt ones (measured: one 43.8 KB bucket, then 18.7 KB at
+    most): the hook passes the current largest dense bucket, so half-size (bf16) payloads vouch for the link."""
+    est = LinkEstimator()
+    est.update([43808.0, PROBE], timed([43808.0, PROBE], 100 * MBIT))
+    assert not est.vouches(9360.0)  # a quarter of the first step's single bucket is 10952 bytes
+    est.update([18720.0, PROBE], timed([18720.0, PROBE], 100 * MBIT), reference=18720.0)
+    assert est.vouches(9360.0) and not est.vouches(4000.0) and not est.vouches(0.0)
