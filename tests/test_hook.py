@@ -179,7 +179,9 @@ def _probing(probe_every: int, link_aware: bool = True, mode: str = "topk") -> d
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
     options = {"density": 0.01} if mode == "topk" else {}
     policy = _LinkAware(mode=mode, **options) if link_aware else FixedPolicy(mode=mode, **options)
-    state = NetSenseState(policy=policy, probe_every=probe_every)
+    # probe_fraction=1: the amortised schedule (probe time vs step time) must not make the probe count depend on
+    # how loaded the machine is (tested on its own in test_sensing)
+    state = NetSenseState(policy=policy, probe_every=probe_every, probe_fraction=1.0)
     ddp.register_comm_hook(state, netsense_hook)
     sizes, samples = [], []
     for step in range(10):
@@ -200,7 +202,7 @@ def test_bandwidth_probe_runs_while_compressed_with_agreed_sizes(dist_pool):
     probed = [w > 0 for w in out[0]["wire"]]
     # warm-up boundary 0 probes nothing; the first boundary before a policy decision does; then the schedule
     # follows the agreed probe durations (amortised budget, see test_sensing), identically on both ranks
-    assert probed[:2] == [False, True] and sum(probed) >= 3
+    assert probed[:2] == [False, True] and sum(probed) >= 3, probed
     assert [w > 0 for w in out[1]["wire"]] == probed
     never = dist_pool.run(_probing, 0)
     assert not any(w > 0 for w in never[0]["wire"])
