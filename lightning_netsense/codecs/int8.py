@@ -69,6 +69,30 @@ class Int8Codec(Codec):
         rows = collected.view(layout.world_size, -1)
         return _decode(rows, ctx, layout.numel).sum(0).div_(layout.world_size)
 
+    def aggregate_into(self, collected: Tensor, ctx: Any, layout: BucketLayout, out: Tensor) -> Tensor:
+        # rank by rank, codes times scales accumulated straight into the bucket: no (world, numel) float copy
+        # (that decode was 0.11-0.15 s of a 0.2 s step on the CNN's buckets, benchmarks/hook_overhead.py)
+        chunk, numel = ctx, layout.numel
+        nchunks = math.ceil(numel / chunk)
+        full = numel // chunk * chunk
+        flat = out.view(-1)
+        for r, row in enumerate(collected.view(layout.world_size, -1)):
+            scales = row[: 4 * nchunks].clone().view(torch.float32)  # a copy: row r > 0 may be misaligned
+            codes = row[4 * nchunks :].view(torch.int8)
+            if full:
+                target = flat[:full].view(-1, chunk)
+                blocks = codes[:full].view(-1, chunk)
+                if r == 0:
+                    torch.mul(blocks, scales[: full // chunk, None], out=target)
+                else:
+                    target.addcmul_(blocks, scales[: full // chunk, None])
+            if full < numel:
+                if r == 0:
+                    torch.mul(codes[full:], scales[-1], out=flat[full:])
+                else:
+                    flat[full:].add_(codes[full:] * scales[-1])
+        return out.div_(layout.world_size)
+
 
 def _chunk_amax(flat: Tensor, chunk: int) -> Tensor:
     """Per-chunk ``max |x|`` (NaN if the chunk holds a NaN: ``amax`` propagates it); the last chunk may be short."""
