@@ -82,11 +82,7 @@ def _bandwidth_mode(plt: Any, results: dict[str, Any], workload: str, out: str, 
     ax2.set_xlim(0, max(t) * 1.02 if t and max(t) > 0 else 1.0)
     ax2.grid(True, alpha=0.3)
     fig.suptitle(f"NetSensePolicy on the dynamic trace ({workload})")
-    fig.tight_layout()
-    path = os.path.join(out, f"bandwidth_mode_{workload}{suffix}.png")
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, os.path.join(out, f"bandwidth_mode_{workload}{suffix}.png"))
 
 
 def _accuracy(plt: Any, results: dict[str, Any], workload: str, out: str, suffix: str = "") -> str | None:
@@ -128,10 +124,7 @@ def _accuracy(plt: Any, results: dict[str, Any], workload: str, out: str, suffix
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(f"{workload}: test accuracy vs training time (wall time minus evaluation) per contender")
     fig.tight_layout(rect=(0, 0.14, 1, 1))
-    path = os.path.join(out, f"accuracy_{workload}{suffix}.png")
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, os.path.join(out, f"accuracy_{workload}{suffix}.png"), tight=False)
 
 
 def _throughput(plt: Any, results: dict[str, Any], workload: str, out: str, suffix: str = "") -> str | None:
@@ -156,8 +149,13 @@ def _throughput(plt: Any, results: dict[str, Any], workload: str, out: str, suff
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     ax.set_title(f"{workload}: throughput per trace")
-    fig.tight_layout()
-    path = os.path.join(out, f"throughput_{workload}{suffix}.png")
+    return _save(plt, fig, os.path.join(out, f"throughput_{workload}{suffix}.png"))
+
+
+def _save(plt: Any, fig: Any, path: str, tight: bool = True) -> str:
+    """Write ``fig`` to ``path`` (PNG) and close it."""
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
     return path
