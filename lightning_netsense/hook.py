@@ -355,10 +355,11 @@ class NetSenseState:
         else:
             decision = self._validated(self.policy.decide(observation))
         self._bw_probe = (0.0, 0.0)
+        # whether the last probe (agreed values) answered faster than the link was believed to be
+        fast = probe_answered_fast(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
         if agreed.bw_probe_seconds > 0 and self.probe_every:
             # amortise: the last probe's agreed duration must fit in `probe_fraction` of the steps until the next
             step_seconds = max(agreed.step_time, agreed.backward_time)
-            fast = probe_answered_fast(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
             wait = probe_wait(agreed.bw_probe_seconds, step_seconds, self.probe_fraction, self.probe_every, fast)
             # the probe ran at the last boundary (step - 1): the next may run at the boundary of step - 1 + wait
             self._next_probe = self.step + wait
@@ -369,7 +370,7 @@ class NetSenseState:
             and self.step + 1 >= max(self._plain_until, self._next_probe)
             and not self._traffic_vouches(observation, decision)
         ):
-            self._probe_bandwidth(observation, believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
+            self._probe_bandwidth(observation, fast)
             self._next_probe = self.step + 1 + self.probe_every
         self.last_observation = observation
         self.last_local = local
@@ -389,14 +390,13 @@ class NetSenseState:
         largest = max(wire_bytes(p, obs.world_size, profile.summable) for p in profile.payload_bytes)
         return self.estimator.vouches(largest)
 
-    def _probe_bandwidth(self, obs: Observation, believed: Any, last_wire: float, last_seconds: float) -> None:
+    def _probe_bandwidth(self, obs: Observation, fast: bool) -> None:
         """Time one ``all_reduce`` of a probe buffer (collective; sized from agreed values only).
 
         Every input of the size is identical on every rank (a size that differed would make gloo hang).
         """
         largest = max(obs.bucket_bytes, default=0)
         step_seconds = max(obs.step_time, obs.backward_time)
-        fast = probe_answered_fast(believed, last_wire, last_seconds)
         size = probe_size(
             obs.link.bandwidth, fast, self._probe_bytes, step_seconds, largest, self.probe_fraction, self.probe_every
         )
