@@ -20,6 +20,10 @@ __all__ = ["PRIOR_REL_ERROR", "NetSensePolicy", "predicted_comm_time"]
 #: 0.72-0.9 on the ResNet-18-sized CNN. Unknown modes count as 1.0 (the most lossy). A prior only matters until
 #: the mode has run once (then its measured error is used): 0.5 for PowerSGD made it the first choice at
 #: 1 Gbit/s on the digits MLP, where it then measured 0.8 and fp16 was 2.3x faster to 95 %.
+#: modes a first step may run before the link is measured: their payloads (a quarter or half of a dense bucket)
+#: are large enough for the estimator to take as a measurement of the link (``LinkEstimator.vouch_fraction``)
+_FIRST_MODES = ("int8", "fp16", "bf16")
+
 PRIOR_REL_ERROR: Mapping[str, float] = MappingProxyType(
     {"none": 0.0, "fp16": 3e-4, "bf16": 2.5e-3, "int8": 1e-2, "powersgd": 0.7, "topk": 0.9}
 )
@@ -69,8 +73,11 @@ class NetSensePolicy(Policy):
     burst) costs one or two slow steps per probe, and is probed ever more rarely. One slow step alone never
     reverts a relaxation: on a loaded machine a scheduler stall looks the same as a slow link.
 
-    Before the link has been measured (``link.samples == 0``) the policy chooses ``"none"``; an infinite
-    bandwidth prices every mode at its latency alone, which makes ``"none"`` the choice as well.
+    A DDP wrapper's first step runs ``first_mode`` (int8 by default: a quarter of the bytes, and enough of them to
+    measure the link with); the next warm-up step runs the rules' choice among the codecs without per-bucket
+    state (see :meth:`warmup_decision`). Without a measurement (``link.samples == 0``) :meth:`decide` chooses
+    ``"none"``; an infinite bandwidth prices every mode at its latency alone, which makes ``"none"`` the choice
+    as well.
 
     Args:
         modes: candidate modes; must contain ``"none"``.
@@ -89,6 +96,15 @@ class NetSensePolicy(Policy):
         urgent: ... unless the current mode's predicted communication exceeds the budget (or the backward
             time) ``urgent`` times over (> 1): then at once.
         prior_errors: overrides of :data:`PRIOR_REL_ERROR`, mode -> relative error >= 0.
+        error_ttl: steps a measured error is trusted below the mode's prior, >= 0. An error measured longer ago
+            counts as ``max(measured, prior)``: compression error drifts along training (PowerSGD rank 4 on the
+            digits MLP: 0.4 early, 0.87 late), so an early, low top-k error must not lure the policy away from a
+            mode measured now (seen on the digits benchmark: an 8-step top-k episode at step 261, chosen on top-k's
+            error from step 2).
+        first_mode: mode of a wrapper's first step, before the link is measured: ``"none"``, or one of
+            ``"int8"``, ``"fp16"``, ``"bf16"`` from ``modes`` (payloads large enough to measure the link with),
+            or ``"auto"``: the first of int8, fp16, bf16 in ``modes``, else ``"none"``. Measured at 20 Mbit/s on
+            the digits MLP: a plain first step took 4.5 s of NetSense's 10 s to 95 %; int8 sends a quarter.
 
     Raises:
         ValueError: if an argument is out of range, naming it.
@@ -114,6 +130,8 @@ class NetSensePolicy(Policy):
         efficiency_floor: float = 0.05,
         max_slowdown: float = 2.0,
         prior_errors: Mapping[str, float] | None = None,
+        error_ttl: int = 50,
+        first_mode: str = "auto",
     ) -> None:
         if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
             raise ValueError(f"Expected `modes` to be a non-empty sequence of mode names, but got {modes!r}")
@@ -148,6 +166,16 @@ class NetSensePolicy(Policy):
             raise ValueError(f"Expected `confirm` to be an integer >= 1, but got {confirm!r}")
         if not _is_number(tolerance) or tolerance < 0:
             raise ValueError(f"Expected `tolerance` to be a number >= 0, but got {tolerance!r}")
+        if not _is_int(error_ttl) or error_ttl < 0:
+            raise ValueError(f"Expected `error_ttl` to be an integer >= 0, but got {error_ttl!r}")
+        firsts = [m for m in _FIRST_MODES if m in modes]
+        if first_mode == "auto":
+            first_mode = firsts[0] if firsts else "none"
+        elif first_mode != "none" and first_mode not in firsts:
+            raise ValueError(
+                f"Expected `first_mode` to be 'auto', 'none' or one of {firsts} (the modes among {list(_FIRST_MODES)} "
+                f"in `modes`), but got {first_mode!r}"
+            )
         priors = dict(PRIOR_REL_ERROR)
         for mode, err in (prior_errors or {}).items():
             if not _is_number(err) or err < 0:
@@ -167,6 +195,8 @@ class NetSensePolicy(Policy):
         self.efficiency_floor = float(efficiency_floor)
         self.max_slowdown = float(max_slowdown)
         self.priors = priors
+        self.error_ttl = error_ttl
+        self.first_mode = first_mode
         self._decisions = {m: Decision(m, self._options(m)) for m in self.modes}
         self.reset()
 
@@ -198,9 +228,12 @@ class NetSensePolicy(Policy):
         """Measured relative error of ``profile``'s mode where known, else its prior."""
         if not profile.lossy:
             return 0.0
+        prior = self.priors.get(profile.mode, 1.0)
         if profile.rel_error is not None and math.isfinite(profile.rel_error):
+            if profile.rel_error_age > self.error_ttl:  # measured too long ago to be trusted below the prior
+                return max(profile.rel_error, prior)
             return profile.rel_error
-        return self.priors.get(profile.mode, 1.0)
+        return prior
 
     def _profiles(self, obs: Observation) -> dict[str, CodecProfile]:
         """Candidate profiles present in the observation, ``"none"`` always (built from the buckets if absent)."""
@@ -251,7 +284,8 @@ class NetSensePolicy(Policy):
         # 100 Mbit/s it chose int8 with 1.1 s of exposed communication per 0.5 s step over PowerSGD.
         fastest = min(step.values())
         bound = self.max_slowdown if max_slowdown is None else max_slowdown
-        eligible = [m for m in eligible if step[m] <= bound * fastest]
+        if math.isfinite(bound):  # (inf * a free step would be nan, and rule every mode out)
+            eligible = [m for m in eligible if step[m] <= bound * fastest]
         cost = {m: step[m] / self.efficiency(profiles[m]) for m in eligible}
         limit = min(cost.values()) * (1.0 + self.tolerance * shrink)
         return next(m for m in eligible if cost[m] <= limit)
@@ -306,6 +340,11 @@ class NetSensePolicy(Policy):
                 return self._decisions[self._mode]
         self._streak, self._streak_target = 0, None
         return self._decisions[self._mode]
+
+    def first_decision(self, allowed: Sequence[Decision]) -> Decision:
+        """``first_mode``: nothing is measured yet, and this step's payloads are the first measurement."""
+        decision = self._decisions[self.first_mode]
+        return decision if decision in allowed else self._decisions["none"]
 
     def warmup_decision(self, observation: Observation, allowed: Sequence[Decision]) -> Decision:
         """The rules' choice among ``allowed`` (stateless codecs), without hysteresis.
@@ -366,5 +405,5 @@ class NetSensePolicy(Policy):
         return (
             f"NetSensePolicy(modes={self.modes}, topk_density={self.topk_density:g}, powersgd_rank={self.powersgd_rank}"
             f", slack={self.slack:g}, max_rel_error={self.max_rel_error:g}, margin={self.margin:g}"
-            f", patience={self.patience})"
+            f", patience={self.patience}, first_mode={self.first_mode!r})"
         )

@@ -91,9 +91,12 @@ class NetSenseState:
         error_feedback: keep what lossy codecs did not send and add it to the next step.
         warmup_steps: steps before the policy's own decisions take effect; must be >= 2. DDP rebuilds its
             buckets after the first step, so per-bucket warm starts are only meaningful from then on. The first
-            step runs plain allreduce (it measures the link); the others run what
-            :meth:`Policy.warmup_decision <lightning_netsense.Policy.warmup_decision>` picks among plain DDP and
-            the codecs without per-bucket state (fp16, bf16, int8, top-k; not PowerSGD).
+            step runs what :meth:`Policy.first_decision <lightning_netsense.Policy.first_decision>` picks before
+            anything is measured (its traffic measures the link; without error feedback, as its buckets are
+            provisional); the others run what
+            :meth:`Policy.warmup_decision <lightning_netsense.Policy.warmup_decision>` picks from the measurement.
+            Both choose among plain DDP and the codecs without per-bucket state (fp16, bf16, int8, top-k; not
+            PowerSGD).
         estimator: the link estimator (default: :class:`LinkEstimator` with its defaults).
         probe_every: while a lossy mode runs, probe the bandwidth at most every this many steps (0: never).
             Compressed payloads are too small to measure a link that has recovered (their time is latency,
@@ -133,6 +136,8 @@ class NetSenseState:
         "_probe_bytes",
         "_next_probe",
         "_warmup_decision",
+        "_feedback_from",
+        "_mode_error_step",
         "_calibrated",
         # statistics
         "last_observation",
@@ -193,8 +198,12 @@ class NetSenseState:
         self._probe_bytes = 0
         # first step whose boundary may probe (agreed: derived from agreed probe durations only)
         self._next_probe = 0
-        # mode of the warm-up steps after the first (a stateless codec at most, see `active_decision`)
-        self._warmup_decision: Decision = _PLAIN
+        # mode of the warm-up steps (a stateless codec at most, see `active_decision`)
+        self._warmup_decision: Decision = self._first_decision()
+        # step of the first error-feedback residual: a wrapper's first step runs on DDP's provisional buckets
+        self._feedback_from = 1
+        # step at which each lossy mode's error was last measured (its age is told to the policy)
+        self._mode_error_step: dict[str, int] = {}
         #: the observation the last decision was taken on (``None`` before the first boundary)
         self.last_observation: Observation | None = None
         #: this rank's own measurements at the last boundary, before the ranks agreed (``None`` before it)
@@ -227,11 +236,26 @@ class NetSenseState:
     def active_decision(self) -> Decision:
         """The decision the hook applies in the current step.
 
-        During the warm-up: plain allreduce in its first step (nothing is measured yet), then what the policy's
-        :meth:`~lightning_netsense.Policy.warmup_decision` chose among plain DDP and the codecs that keep no
-        per-bucket state (DDP may still rebuild its buckets).
+        During the warm-up: what the policy's :meth:`~lightning_netsense.Policy.first_decision` chose for its
+        first step (nothing is measured yet), then what its :meth:`~lightning_netsense.Policy.warmup_decision`
+        chose; both among plain DDP and the codecs that keep no per-bucket state (DDP may still rebuild its
+        buckets).
         """
         return self._warmup_decision if self.step < self._plain_until else self.decision
+
+    def _first_decision(self) -> Decision:
+        """The policy's choice for a wrapper's first step, checked against what may run there."""
+        allowed = self._stateless_candidates()
+        first = self._validated(self.policy.first_decision(allowed))
+        if first.mode != "none" and first not in allowed:
+            raise ValueError(
+                f"{type(self.policy).__name__}.first_decision chose {first.key}; accepted in the warm-up: "
+                f"{[d.key for d in allowed]}"
+            )
+        return first
+
+    def _stateless_candidates(self) -> tuple[Decision, ...]:
+        return tuple(d for d in (_PLAIN, *self.policy.candidates()) if not self.codecs[d.mode].bucket_state)
 
     def begin_backward(self) -> None:
         """Mark the start of a backward pass (the strategy calls this; otherwise the first hook call is used)."""
@@ -344,7 +368,7 @@ class NetSenseState:
             # the next step is a warm-up step: do not let the policy commit its hysteresis to a decision that
             # cannot take effect, taken before the codecs' costs were calibrated; it may pick a stateless codec
             decision = self.decision
-            allowed = tuple(d for d in (_PLAIN, *self.policy.candidates()) if not self.codecs[d.mode].bucket_state)
+            allowed = self._stateless_candidates()
             warmup = self._validated(self.policy.warmup_decision(observation, allowed))
             if warmup.mode != "none" and warmup not in allowed:
                 raise ValueError(
@@ -422,6 +446,7 @@ class NetSenseState:
             "estimator": self.estimator.state_dict(),
             "policy": self.policy.state_dict(),
             "mode_errors": dict(self._mode_errors),
+            "mode_error_step": dict(self._mode_error_step),
             "mode_cost": dict(self._mode_cost),
             "mode_steps": dict(self.mode_steps),
             "total_bytes_sent": self.total_bytes_sent,
@@ -435,6 +460,9 @@ class NetSenseState:
         self.estimator.load_state_dict(state["estimator"])
         self.policy.load_state_dict(state["policy"])
         self._mode_errors = {str(k): float(v) for k, v in state.get("mode_errors", {}).items()}
+        # a checkpoint without the steps (older format): its errors count as measured at the resumed step
+        steps = state.get("mode_error_step", {})
+        self._mode_error_step = {str(k): int(steps.get(k, self.step)) for k in self._mode_errors}
         self._mode_cost = {str(k): float(v) for k, v in state.get("mode_cost", {}).items()}
         self.mode_steps = {str(k): int(v) for k, v in state.get("mode_steps", {}).items()}
         self.total_bytes_sent = float(state.get("total_bytes_sent", 0.0))
@@ -447,7 +475,8 @@ class NetSenseState:
         self._last_boundary = None
         # a fresh DDP wrapper rebuilds its buckets after its first iteration: no lossy step (or residual) before
         self._plain_until = self.step + self.warmup_steps
-        self._warmup_decision = _PLAIN
+        self._warmup_decision = self._first_decision()
+        self._feedback_from = self.step + 1
         self._next_probe = 0
         self._calibrated = False
 
@@ -509,6 +538,8 @@ class NetSenseState:
                 payload_bytes=tuple(codec.payload_bytes(layout, **decision.options) for layout in layouts),
                 rel_error=None if math.isnan(err) else (0.0 if not codec.lossy else err),
                 seconds_per_byte=0.0 if math.isnan(cost) else cost,
+                # identical on every rank: every rank ran the same agreed mode in the same steps
+                rel_error_age=self.step - self._mode_error_step.get(decision.mode, self.step),
             )
         return out
 
@@ -528,6 +559,7 @@ class NetSenseState:
         if self.codecs[mode].lossy and rec.ref2 > 0:
             rel_error = math.sqrt(rec.err2 / rec.ref2)
             self._mode_errors[mode] = rel_error
+            self._mode_error_step[mode] = self.step
         else:
             rel_error = 0.0
         step_time = now - self._last_boundary if self._last_boundary is not None else now - (t_start or now)
@@ -606,7 +638,7 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
 
     t0 = time.perf_counter()
     if codec.lossy:
-        if state.error_feedback:
+        if state.error_feedback and state.step >= state._feedback_from:
             # grad + residual in the residual's memory, and the new residual formed in place: no full-size
             # allocation per bucket (each cost more than the arithmetic: page faults)
             grad = state.feedback.compensate(layout.index, buffer)

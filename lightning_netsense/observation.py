@@ -131,6 +131,7 @@ class CodecProfile:
         payload_bytes: payload bytes per bucket, in bucket order, with the candidate's options.
         rel_error: last measured ``||g - g_hat|| / ||g||`` (mean over ranks), ``None`` if never run.
         seconds_per_byte: measured compress + aggregate + decompress time per dense gradient byte (max over ranks).
+        rel_error_age: steps since ``rel_error`` was measured (0: in the step just observed).
     """
 
     mode: str
@@ -139,6 +140,7 @@ class CodecProfile:
     payload_bytes: tuple[int, ...]
     rel_error: float | None = None
     seconds_per_byte: float = 0.0
+    rel_error_age: int = 0
 
     @property
     def total_payload_bytes(self) -> int:

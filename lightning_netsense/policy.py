@@ -35,6 +35,17 @@ class Policy(ABC):
     def decide(self, observation: Observation) -> Decision:
         """Return the decision for the next step. Must depend on ``observation`` and own state only."""
 
+    def first_decision(self, allowed: Sequence[Decision]) -> Decision:
+        """Decision for the first step of a DDP wrapper (a new or resumed run), before anything is measured.
+
+        One of ``allowed`` (plain DDP and the candidates whose codec keeps no per-bucket state: DDP has not
+        rebuilt its buckets yet) or plain DDP. This step's own traffic is the first measurement of the link, so
+        a codec whose payloads are large enough to measure it (fp16, bf16, int8: at least a quarter of a dense
+        bucket) is the useful compressed choice. It runs without error feedback (its buckets are provisional).
+        The default is plain DDP.
+        """
+        return Decision("none")
+
     def warmup_decision(self, observation: Observation, allowed: Sequence[Decision]) -> Decision:
         """Decision for a warm-up step after the first (DDP may still rebuild its buckets), one of ``allowed``.
 
@@ -98,8 +109,11 @@ class FixedPolicy(Policy):
     def decide(self, observation: Observation) -> Decision:
         return self.decision
 
+    def first_decision(self, allowed: Sequence[Decision]) -> Decision:
+        # a stateless codec (fp16, bf16, int8, top-k) runs from the first step, as torch's hooks do
+        return self.decision if self.decision in allowed else Decision("none")
+
     def warmup_decision(self, observation: Observation, allowed: Sequence[Decision]) -> Decision:
-        # a stateless codec (fp16, bf16, int8, top-k) runs from the first warm-up step it may, as torch's hooks do
         return self.decision if self.decision in allowed else Decision("none")
 
     def __repr__(self) -> str:

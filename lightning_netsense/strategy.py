@@ -43,7 +43,8 @@ class NetSenseStrategy(DDPStrategy):
         policy: decides the mode of each step (default: :class:`~lightning_netsense.NetSensePolicy`, the
             adaptive policy; ``FixedPolicy()`` gives plain DDP through the hook).
         error_feedback: add what lossy codecs did not send to the next step.
-        warmup_steps: steps of plain allreduce at the start (>= 2: DDP rebuilds its buckets after step 1).
+        warmup_steps: steps at the start in which only codecs without per-bucket state may run (>= 2: DDP
+            rebuilds its buckets after step 1); see :class:`~lightning_netsense.NetSenseState`.
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
         bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default of 25).

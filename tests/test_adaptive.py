@@ -250,6 +250,11 @@ def test_candidates_carry_the_options():
         ({"patience": 4, "max_patience": 2}, "max_patience"),
         ({"tolerance": -0.1}, "tolerance"),
         ({"prior_errors": {"topk": -1.0}}, "prior_errors"),
+        ({"error_ttl": -1}, "error_ttl"),
+        ({"error_ttl": 1.5}, "error_ttl"),
+        ({"first_mode": "topk"}, "first_mode"),  # its payloads cannot measure the link
+        ({"first_mode": "powersgd"}, "first_mode"),  # per-bucket state before DDP's rebuild
+        ({"first_mode": "int8", "modes": ("none", "fp16")}, "first_mode"),  # not a candidate
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, name):
@@ -377,3 +382,48 @@ def test_lower_error_never_buys_more_than_max_slowdown():
     assert NetSensePolicy().choose(fast) in ("fp16", "bf16", "int8")
     with pytest.raises(ValueError, match="`max_slowdown`"):
         NetSensePolicy(max_slowdown=0.5)
+
+
+def test_first_decision_sends_a_measurable_fraction_before_anything_is_measured():
+    """Measured at 20 Mbit/s: a plain first step took 4.5 s of NetSense's 10 s to 95 % on the digits MLP."""
+    policy = NetSensePolicy()
+    allowed = [d for d in policy.candidates() if d.mode != "powersgd"]
+    before = policy.state_dict()
+    assert policy.first_decision(allowed) == Decision("int8")  # "auto": a quarter of the bytes
+    assert policy.state_dict() == before
+    # "auto" falls back along int8, fp16, bf16, then plain DDP, as `modes` allow
+    assert NetSensePolicy(modes=("none", "bf16", "fp16")).first_decision(allowed) == Decision("fp16")
+    assert NetSensePolicy(modes=("none", "powersgd")).first_decision(allowed) == Decision("none")
+    assert NetSensePolicy(first_mode="none").first_decision(allowed) == Decision("none")
+    assert NetSensePolicy(first_mode="bf16").first_decision(allowed) == Decision("bf16")
+    # a decision the hook does not allow in this step is never returned
+    assert policy.first_decision([Decision("none")]) == Decision("none")
+    assert "first_mode='int8'" in repr(policy)
+    # the base class keeps plain DDP
+    assert super(NetSensePolicy, policy).first_decision(allowed) == Decision("none")
+
+
+def test_a_stale_measured_error_counts_no_lower_than_the_prior():
+    """Digits benchmark: an 8-step top-k episode at step 261, chosen on top-k's error measured at step 2 (0.6)
+    while PowerSGD's own error had drifted up to 0.87 along training."""
+    errors = {"powersgd": 0.87, "topk": 0.6}
+    obs = observe(20 * MBIT, overlap=0.05, errors=errors)
+    fresh = NetSensePolicy().choose(obs)
+    assert fresh == "topk"  # an error measured recently is trusted
+    aged = {m: dataclasses.replace(p, rel_error_age=259) if m == "topk" else p for m, p in obs.codecs.items()}
+    stale = dataclasses.replace(obs, codecs=aged)
+    policy = NetSensePolicy()
+    assert policy.rel_error(stale.codecs["topk"]) == PRIOR_REL_ERROR["topk"]  # max(0.6, prior 0.9)
+    assert policy.choose(stale) == "powersgd"
+    assert NetSensePolicy(error_ttl=300).choose(stale) == "topk"  # within its time to live
+    # a stale error above the prior stays as measured (never lowered)
+    worse = dataclasses.replace(stale.codecs["topk"], rel_error=0.95)
+    assert policy.rel_error(worse) == 0.95
+
+
+def test_unbounded_slowdown_with_a_free_step_still_chooses():
+    """A first step seen as free (no backward measured, infinite bandwidth, no latency): inf * 0 is nan, which
+    once ruled every mode out of the warm-up decision (``min()`` of an empty sequence)."""
+    obs = observe(math.inf, overlap=0.0, step_time=0.0, alpha=0.0)
+    assert NetSensePolicy().choose(obs, max_slowdown=math.inf) == "none"
+    assert NetSensePolicy().warmup_decision(obs, list(NetSensePolicy().candidates())).mode == "none"

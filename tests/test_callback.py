@@ -177,6 +177,16 @@ class _CountingMonitor(NetSenseMonitor):
         self.calls.append((trainer.global_step, count[0]))
 
 
+class _PlainFirstFp16(ln.FixedPolicy):
+    """fp16 from the second step: a mode change for the text summary to show (FixedPolicy compresses from the first)."""
+
+    def __init__(self) -> None:
+        super().__init__(mode="fp16")
+
+    def first_decision(self, allowed):
+        return ln.Decision("none")
+
+
 def _fit_with_monitor(root: str, max_steps: int, every: int) -> dict:
     import lightning.pytorch as pl
     from digits import DigitsClassifier, DigitsDataModule
@@ -198,7 +208,7 @@ def _fit_with_monitor(root: str, max_steps: int, every: int) -> dict:
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ln.NetSenseStrategy(policy=ln.FixedPolicy(mode="fp16")),
+        strategy=ln.NetSenseStrategy(policy=_PlainFirstFp16()),
         max_steps=max_steps,
         log_every_n_steps=every,
         logger=[
@@ -241,7 +251,7 @@ def test_two_rank_fit_logs_every_key_to_tensorboard_and_csv(dist_pool, tmp_path)
     scalars = {key: acc.Scalars(key) for key in LOGGED_KEYS}
     for key, events in scalars.items():
         assert [e.step for e in events] == logged_x, key
-    # the first step runs plain DDP (it measures the link); fp16 is stateless, so it runs from the second on
+    # the policy's first step runs plain DDP (its `first_decision`), fp16 from the second on
     assert [e.value for e in scalars["netsense/mode"]] == [MODE_CODES["fp16"]] * 3
     ratios = [e.value for e in scalars["netsense/compression_ratio"]]
     assert all(r == pytest.approx(2.0, rel=0.01) for r in ratios)
@@ -260,7 +270,7 @@ def test_two_rank_fit_logs_every_key_to_tensorboard_and_csv(dist_pool, tmp_path)
     text_tag = "netsense/mode/text_summary"
     assert text_tag in acc.Tags()["tensors"]
     texts = acc.Tensors(text_tag)
-    assert [t.step for t in texts] == [0, 1]  # first step in "none", fp16 from the second step
+    assert [t.step for t in texts] == [0, 1]  # first step in "none", fp16 from the second step: one change
     assert b"fp16" in texts[1].tensor_proto.string_val[0]
 
     # CSV: the same keys at the same steps

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_netsense import Decision, FixedPolicy, NetSenseState, Policy, netsense_hook
+from lightning_netsense import Decision, FixedPolicy, NetSensePolicy, NetSenseState, Policy, netsense_hook
 from lightning_netsense.observation import LocalObservation
 
 
@@ -62,7 +62,7 @@ def test_none_fp16_bf16_average_within_precision(dist_pool):
             assert out[rank]["buckets"] >= 2, "the test needs several buckets"
             assert out[rank]["comm_hook"] == "netsense_hook"
             for step, (used, err) in enumerate(out[rank]["errors"]):
-                assert used == ("none" if step < 1 else mode)  # the first step measures the link in plain DDP
+                assert used == mode  # stateless: from the first step (with no residual: provisional buckets)
                 assert err <= bound, f"{mode} step {step}: relative error {err:.2e} > {bound:.0e}"
         # every rank applies the same averaged gradient
         torch.testing.assert_close(out[0]["grads"], out[1]["grads"], rtol=0, atol=0)
@@ -212,6 +212,53 @@ def test_bandwidth_probe_runs_while_compressed_with_agreed_sizes(dist_pool):
     # bf16 buckets are half the dense ones: the training traffic measures the link itself, no probe is needed
     half = dist_pool.run(_probing, 2, True, "bf16")
     assert not any(w > 0 for w in half[0]["wire"])
+
+
+def _first_steps() -> dict:
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
+    state = NetSenseState(policy=NetSensePolicy())
+    ddp.register_comm_hook(state, netsense_hook)
+    used, samples, residuals = [], [], []
+    for step in range(3):
+        x, y = _batch(dist.get_rank(), step)
+        ddp.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        used.append(state.active_decision.mode)
+        state.end_step()
+        samples.append(state.last_observation.link.samples)
+        residuals.append(len(state.feedback))
+    return {"used": used, "samples": samples, "residuals": residuals, "bytes": state.last_observation.bytes_sent,
+            "errors": dict(state._mode_errors),
+            "ages": {m: p.rel_error_age for m, p in state.last_observation.codecs.items()}}
+
+
+@pytest.mark.slow
+def test_netsense_first_step_is_int8_and_measures_the_link(dist_pool):
+    for out in dist_pool.run(_first_steps):
+        # the first step compresses before anything is measured (int8: a quarter of the bytes) ...
+        assert out["used"][0] == "int8"
+        # ... its own payloads are the first measurement of the link ...
+        assert out["samples"][0] > 0
+        # ... and it keeps no residual: DDP's first-step buckets are provisional (rebuilt after step 0)
+        assert out["residuals"][0] == 0
+        assert 0 < out["errors"]["int8"] < 0.05  # it was lossy, within int8's precision
+        # the policy is told how many steps ago each error was measured (an old one is not trusted below a prior)
+        last_int8 = max(i for i, m in enumerate(out["used"]) if m == "int8")
+        assert out["ages"]["int8"] == len(out["used"]) - 1 - last_int8
+        if "topk" not in out["used"]:
+            assert out["ages"]["topk"] == 0  # never measured (its error is None): no age either
+
+
+class _FirstPowerSGD(FixedPolicy):
+    def first_decision(self, allowed):
+        return self.decision  # PowerSGD keeps per-bucket state: not accepted before the buckets are final
+
+
+def test_a_first_decision_with_per_bucket_state_fails_clearly():
+    with pytest.raises(ValueError, match=r"first_decision chose powersgd.*accepted in the warm-up") as err:
+        NetSenseState(policy=_FirstPowerSGD(mode="powersgd"))
+    assert "'int8'" not in str(err.value)  # only the candidates that may run: plain DDP here
 
 
 class _WarmupPowerSGD(FixedPolicy):
