@@ -102,8 +102,9 @@ class NetSenseState:
             Compressed payloads are too small to measure a link that has recovered (their time is latency,
             scheduler noise, or a shaper's burst), so the state sends one ``all_reduce`` of a probe buffer at
             the step boundary. It is sized to take ``probe_fraction`` of the steps until the next probe at the
-            believed bandwidth, and doubled while the link answers faster than believed (as TCP's slow start),
-            up to the largest bucket; after a probe that took ``d`` seconds the next one waits until
+            believed bandwidth, and quadrupled at the next step while the link answers faster than believed (as
+            TCP's slow start), up to the size that vouches for the link (``vouch_fraction`` of the largest
+            bucket); after a chain of probes that took ``d`` seconds the next one waits until
             ``d <= probe_fraction`` of the steps in between (an amortised budget, measured, not predicted).
         probe_fraction: share of the training time probes may take, in (0, 1].
 
@@ -134,6 +135,7 @@ class NetSenseState:
         "_plain_until",
         "_bw_probe",
         "_probe_bytes",
+        "_probe_chain",
         "_next_probe",
         "_warmup_decision",
         "_feedback_from",
@@ -196,6 +198,8 @@ class NetSenseState:
         self._calibrated = False
         self._bw_probe: tuple[float, float] = (0.0, 0.0)
         self._probe_bytes = 0
+        # agreed seconds of the current chain of fast-answering probes (paid for after its last probe)
+        self._probe_chain = 0.0
         # first step whose boundary may probe (agreed: derived from agreed probe durations only)
         self._next_probe = 0
         # mode of the warm-up steps (a stateless codec at most, see `active_decision`)
@@ -379,12 +383,17 @@ class NetSenseState:
         else:
             decision = self._validated(self.policy.decide(observation))
         self._bw_probe = (0.0, 0.0)
-        # whether the last probe (agreed values) answered faster than the link was believed to be
+        # whether the last probe (agreed values) answered faster than the link was believed to be; a probe of
+        # the vouching size ends a chain either way (the estimator has taken it: the belief is updated)
         fast = probe_answered_fast(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
+        fast = fast and self._probe_bytes < self._probe_cap(observation)
         if agreed.bw_probe_seconds > 0 and self.probe_every:
-            # amortise: the last probe's agreed duration must fit in `probe_fraction` of the steps until the next
+            # amortise: the chain's agreed durations must fit in `probe_fraction` of the steps until the next
+            self._probe_chain += agreed.bw_probe_seconds
             step_seconds = max(agreed.step_time, agreed.backward_time)
-            wait = probe_wait(agreed.bw_probe_seconds, step_seconds, self.probe_fraction, self.probe_every, fast)
+            wait = probe_wait(self._probe_chain, step_seconds, self.probe_fraction, self.probe_every, fast)
+            if not fast:
+                self._probe_chain = 0.0
             # the probe ran at the last boundary (step - 1): the next may run at the boundary of step - 1 + wait
             self._next_probe = self.step + wait
         if (
@@ -414,15 +423,26 @@ class NetSenseState:
         largest = max(wire_bytes(p, obs.world_size, profile.summable) for p in profile.payload_bytes)
         return self.estimator.vouches(largest)
 
+    def _probe_cap(self, obs: Observation) -> int:
+        """Largest probe: the smallest that vouches for the link (``vouch_fraction`` of the largest dense
+        bucket; a probe and a dense bucket are both allreduced, so the ratio holds on the wire)."""
+        largest = max(obs.bucket_bytes, default=0)
+        return min(largest, 4 * math.ceil(self.estimator.vouch_fraction * largest / 4) + 4)
+
     def _probe_bandwidth(self, obs: Observation, fast: bool) -> None:
         """Time one ``all_reduce`` of a probe buffer (collective; sized from agreed values only).
 
         Every input of the size is identical on every rank (a size that differed would make gloo hang).
         """
-        largest = max(obs.bucket_bytes, default=0)
         step_seconds = max(obs.step_time, obs.backward_time)
         size = probe_size(
-            obs.link.bandwidth, fast, self._probe_bytes, step_seconds, largest, self.probe_fraction, self.probe_every
+            obs.link.bandwidth,
+            fast,
+            self._probe_bytes,
+            step_seconds,
+            self._probe_cap(obs),
+            self.probe_fraction,
+            self.probe_every,
         )
         if size <= 0:
             return
@@ -478,6 +498,7 @@ class NetSenseState:
         self._warmup_decision = self._first_decision()
         self._feedback_from = self.step + 1
         self._next_probe = 0
+        self._probe_chain = 0.0
         self._calibrated = False
 
     # ------------------------------------------------------------------ internals

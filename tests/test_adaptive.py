@@ -262,7 +262,9 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, name):
         NetSensePolicy(**kwargs)
 
 
-def _simulate(policy, estimator, bandwidths, overlap=0.05, burst=0.0, probes=None):
+def _simulate(
+    policy, estimator, bandwidths, overlap=0.05, burst=0.0, probes=None, numels=NUMELS, step_time=0.1, estimates=None
+):
     """Closed loop on a synthetic link: each step's collectives are timed from the mode chosen the step before.
 
     ``burst`` bytes per collective go at the line rate (a token bucket's burst), the rest at the step's rate.
@@ -271,13 +273,14 @@ def _simulate(policy, estimator, bandwidths, overlap=0.05, burst=0.0, probes=Non
     """
     decision, modes = Decision("none"), []
     line_rate = 10_000 * MBIT
-    probe, probe_bytes, next_probe = None, 0, 0
+    probe, probe_bytes, next_probe, chain = None, 0, 0, 0.0
+    cap = 4 * math.ceil(estimator.vouch_fraction * max(4 * n for n in numels) / 4) + 4  # as the hook's _probe_cap
 
     def timed(sizes, bandwidth):
         return [ALPHA + min(b, burst) / line_rate + max(0.0, b - burst) / bandwidth for b in sizes]
 
     for step, bandwidth in enumerate(bandwidths):
-        obs = observe(bandwidth, overlap=overlap)
+        obs = observe(bandwidth, overlap=overlap, numels=numels, step_time=step_time)
         profile = obs.codecs[decision.mode]
         sizes = [wire_bytes(p, obs.world_size, profile.summable) for p in profile.payload_bytes] + [480.0]
         seconds = timed(sizes, bandwidth)
@@ -285,17 +288,21 @@ def _simulate(policy, estimator, bandwidths, overlap=0.05, burst=0.0, probes=Non
         believed = estimator.compute()
         if probe is not None:  # the last boundary's probe is reported with this step, as the hook does
             sizes, seconds = [*sizes, probe[0]], [*seconds, probe[1]]
-            fast = probe_answered_fast(believed, *probe)
-            next_probe = step + probe_wait(probe[1], obs.step_time, 0.05, 2, fast)
+            fast = probe_answered_fast(believed, *probe) and probe_bytes < cap
+            chain += probe[1]
+            next_probe = step + probe_wait(chain, obs.step_time, 0.05, 2, fast)
+            chain = chain if fast else 0.0
         estimator.update(sizes, seconds)
+        if estimates is not None:
+            estimates.append(estimator.compute().bandwidth)
         obs = dataclasses.replace(obs, decision=decision, link=estimator.compute(), comm_time=comm)
         decision = policy.decide(obs)
         modes.append(decision.mode)
         last = probe or (0.0, 0.0)
         probe = None
         if decision.mode != "none" and step + 1 >= next_probe:
-            fast = probe_answered_fast(believed, *last)
-            probe_bytes = probe_size(obs.link.bandwidth, fast, probe_bytes, obs.step_time, max(obs.bucket_bytes), 0.05, 2)
+            fast = probe_answered_fast(believed, *last) and probe_bytes < cap
+            probe_bytes = probe_size(obs.link.bandwidth, fast, probe_bytes, obs.step_time, cap, 0.05, 2)
             probe = (float(probe_bytes), timed([probe_bytes], bandwidth)[0])
             next_probe = step + 3
             if probes is not None:
@@ -319,6 +326,22 @@ def test_closed_loop_token_bucket_burst_does_not_fool_the_policy():
     modes = _simulate(NetSensePolicy(confirm=1), LinkEstimator(), [20 * MBIT] * 120, burst=125_000.0, probes=probes)
     assert modes[0] != "none" and "none" not in modes  # never relaxed to a dense step the link cannot carry
     assert probes and sum(probes) <= 0.05 * 0.1 * len(modes) * 1.5  # probes stay within their amortised budget
+
+
+def test_closed_loop_recovery_behind_a_burst_is_vouched_for_within_a_few_steps():
+    """Digits benchmark, dynamic trace: the estimate stayed at 18 Mbit/s through an 8 s phase at 100 Mbit/s.
+    A doubling ladder from 64 KB under its 5 % budget did not reach the vouching size (a quarter of the largest
+    bucket) in time; the ladder now grows 4x per fast probe, at the next step, up to that size."""
+    probes = []
+    estimator = LinkEstimator()
+    slow, fast = 20 * MBIT, 100 * MBIT
+    policy = NetSensePolicy(confirm=1, modes=("none", "powersgd"))  # small payloads: only probes can vouch
+    digits = {"numels": (262_144, 1_937_000), "step_time": 0.07, "burst": 131_072.0}  # the MLP's two buckets
+    estimates = []
+    _simulate(policy, estimator, [slow] * 150 + [fast] * 40, probes=probes, estimates=estimates, **digits)
+    assert max(estimates[20:150]) < 1.5 * slow  # the burst never fools it
+    assert sum(probes) <= 0.05 * 0.07 * 190 * 1.5  # the false starts of the ladder stay within the budget
+    assert estimates[-1] > 0.5 * fast  # the recovery is vouched for within 40 steps (2.8 s of 0.07 s steps)
 
 
 def test_more_compression_needs_confirmation_by_consecutive_observations():

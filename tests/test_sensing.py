@@ -340,13 +340,13 @@ def test_vouch_fraction_is_validated():
             LinkEstimator(vouch_fraction=bad)
 
 
-def test_probe_size_budget_doubling_floor_and_cap():
+def test_probe_size_budget_growth_floor_and_cap():
     largest = 8e6
     # the budget: 5 % of the 2 steps until the next probe at 20 Mbit/s, raised to the 64 KB floor
     assert probe_size(20 * MBIT, False, 0, 0.1, largest, 0.05, 2) == 65536
     assert probe_size(1000 * MBIT, False, 0, 0.1, largest, 0.05, 2) == pytest.approx(1.25e6, abs=4)
-    # a probe that answered fast is doubled, up to the largest bucket, never above it
-    assert probe_size(20 * MBIT, True, 65536, 0.1, largest, 0.05, 2) == 131072
+    # a probe that answered fast grows fourfold, up to the largest size (the vouching size), never above it
+    assert probe_size(20 * MBIT, True, 65536, 0.1, largest, 0.05, 2) == 262144
     assert probe_size(20 * MBIT, True, 6e6, 0.1, largest, 0.05, 2) == largest
     # an infinite estimate does not jump to the largest bucket (it cost 1.9 s per probe at 20 Mbit/s)
     assert probe_size(math.inf, False, 0, 0.1, largest, 0.05, 2) == 65536
@@ -360,7 +360,8 @@ def test_probe_wait_keeps_probes_within_their_budget():
     assert probe_wait(0.026, 0.1, 0.05, 2) == 6
     assert probe_wait(0.001, 0.1, 0.05, 2) == 2  # never more often than `every` ...
     assert probe_wait(0.001, 0.1, 0.05, 2, fast=True) == 1  # ... unless the link answered fast: probe on
-    assert probe_wait(0.5, 0.1, 0.05, 2, fast=True) == 100  # but never beyond the budget
+    assert probe_wait(0.5, 0.1, 0.05, 2, fast=True) == 1
+    assert probe_wait(0.5 + 0.125, 0.1, 0.05, 2) == 125  # the chain is paid for after its last probe
     link = LinkEstimate(alpha=ALPHA, bandwidth=20 * MBIT)
     assert probe_answered_fast(link, 131072, 0.001)  # a burst: 128 KB in 1 ms at a believed 20 Mbit/s
     assert not probe_answered_fast(link, 131072, 0.05)
