@@ -143,6 +143,7 @@ def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: 
         x, y = next(work.batches)  # drawn outside the clock: data loading is not what is measured
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
+        contender.begin_step()
         loss = loss_fn(model(x), y)
         contender.begin_backward()
         loss.backward()

@@ -15,8 +15,9 @@ Every contender trains the same model, on the same data, from the same seed; onl
 =================  ============================================================================================
 
 The last four register :func:`lightning_netsense.netsense_hook` with a :class:`NetSenseState` directly and call
-``state.begin_backward()`` / ``state.end_step()`` around each backward pass - exactly what
-:class:`NetSenseStrategy` does from its ``pre_backward`` / ``post_backward``.
+``state.begin_step()`` before the forward and ``state.begin_backward()`` / ``state.end_step()`` around each
+backward pass - exactly what :class:`NetSenseStrategy` does from its ``training_step``, ``pre_backward`` and
+``post_backward``.
 
 ``python benchmarks/contenders.py --pilot`` runs the torch PowerSGD pilot on its own (2 local processes).
 """
@@ -71,6 +72,10 @@ class Contender:
     fixed_mode: str = "none"
     standin: bool = False
     keep: list = field(default_factory=list)  # objects that must outlive the hook (torch PowerSGD state)
+
+    def begin_step(self) -> None:
+        if self.state is not None:
+            self.state.begin_step()
 
     def begin_backward(self) -> None:
         if self.state is not None:

@@ -23,6 +23,7 @@ from lightning_netsense.policy import Policy
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 __all__ = ["NetSenseStrategy"]
 
@@ -148,6 +149,13 @@ class NetSenseStrategy(DDPStrategy):
         _register_ddp_comm_hook(
             model=self.model, ddp_comm_state=self._netsense_state, ddp_comm_hook=netsense_hook
         )
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        # the start of the forward: the first step (no boundary before it) is timed from here
+        if self._netsense_state is not None:
+            self._netsense_state.begin_step()
+        return super().training_step(*args, **kwargs)
 
     @override
     def pre_backward(self, closure_loss: Tensor) -> None:

@@ -2,6 +2,7 @@
 
 import math
 import pickle
+import time
 
 import pytest
 import torch
@@ -214,22 +215,27 @@ def test_bandwidth_probe_runs_while_compressed_with_agreed_sizes(dist_pool):
     assert not any(w > 0 for w in half[0]["wire"])
 
 
-def _first_steps() -> dict:
+def _first_steps(pause: float = 0.0) -> dict:
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
     state = NetSenseState(policy=NetSensePolicy())
     ddp.register_comm_hook(state, netsense_hook)
-    used, samples, residuals = [], [], []
+    used, samples, residuals, step_times = [], [], [], []
     for step in range(3):
         x, y = _batch(dist.get_rank(), step)
         ddp.zero_grad()
-        nn.functional.mse_loss(ddp(x), y).backward()
+        state.begin_step()
+        loss = nn.functional.mse_loss(ddp(x), y)
+        time.sleep(pause)  # a slow forward
+        state.begin_backward()
+        loss.backward()
         used.append(state.active_decision.mode)
         state.end_step()
         samples.append(state.last_observation.link.samples)
+        step_times.append(state.last_observation.step_time)
         residuals.append(len(state.feedback))
     return {"used": used, "samples": samples, "residuals": residuals, "bytes": state.last_observation.bytes_sent,
-            "errors": dict(state._mode_errors),
+            "errors": dict(state._mode_errors), "step_times": step_times,
             "ages": {m: p.rel_error_age for m, p in state.last_observation.codecs.items()}}
 
 
@@ -248,6 +254,9 @@ def test_netsense_first_step_is_int8_and_measures_the_link(dist_pool):
         assert out["ages"]["int8"] == len(out["used"]) - 1 - last_int8
         if "topk" not in out["used"]:
             assert out["ages"]["topk"] == 0  # never measured (its error is None): no age either
+    # the first step (no boundary before it) is timed from `begin_step`, its forward included
+    for out in dist_pool.run(_first_steps, 0.2):
+        assert out["step_times"][0] >= 0.2
 
 
 class _FirstPowerSGD(FixedPolicy):
