@@ -39,6 +39,7 @@ from lightning_netsense.sensing import (
     LinkEstimator,
     peak_in_flight,
     probe_answered_fast,
+    probe_answered_slow,
     probe_size,
     probe_wait,
     queue_corrected_durations,
@@ -398,14 +399,17 @@ class NetSenseState:
         self._bw_probe = (0.0, 0.0)
         # whether the last probe (agreed values) answered faster than the link was believed to be; a probe of
         # the vouching size ends a chain either way (the estimator has taken it: the belief is updated)
-        fast = probe_answered_fast(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
-        fast = fast and self._probe_bytes < self._probe_cap(observation)
+        below_cap = self._probe_bytes < self._probe_cap(observation)
+        fast = below_cap and probe_answered_fast(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
+        # ... or slower: then the next probe is of the vouching size, so that the drop replaces the last vouched
+        # estimate (a small probe alone lowers it for a step, until the window's small payloads pass in a burst)
+        slow = below_cap and probe_answered_slow(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
         if agreed.bw_probe_seconds > 0 and self.probe_every:
             # amortise: the chain's agreed durations must fit in `probe_fraction` of the steps until the next
             self._probe_chain += agreed.bw_probe_seconds
             step_seconds = max(agreed.step_time, agreed.backward_time)
-            wait = probe_wait(self._probe_chain, step_seconds, self.probe_fraction, self.probe_every, fast)
-            if not fast:
+            wait = probe_wait(self._probe_chain, step_seconds, self.probe_fraction, self.probe_every, fast or slow)
+            if not (fast or slow):
                 self._probe_chain = 0.0
             # the probe ran at the last boundary (step - 1): the next may run at the boundary of step - 1 + wait
             self._next_probe = self.step + wait
@@ -416,7 +420,7 @@ class NetSenseState:
             and self.step + 1 >= max(self._plain_until, self._next_probe)
             and not self._traffic_vouches(observation, decision)
         ):
-            self._probe_bandwidth(observation, fast)
+            self._probe_bandwidth(observation, fast, slow)
             self._next_probe = self.step + 1 + self.probe_every
         self.last_observation = observation
         self.last_local = local
@@ -442,7 +446,7 @@ class NetSenseState:
         largest = max(obs.bucket_bytes, default=0)
         return min(largest, 4 * math.ceil(self.estimator.vouch_fraction * largest / 4) + 4)
 
-    def _probe_bandwidth(self, obs: Observation, fast: bool) -> None:
+    def _probe_bandwidth(self, obs: Observation, fast: bool, slow: bool = False) -> None:
         """Time one ``all_reduce`` of a probe buffer (collective; sized from agreed values only).
 
         Every input of the size is identical on every rank (a size that differed would make gloo hang).
@@ -456,6 +460,7 @@ class NetSenseState:
             self._probe_cap(obs),
             self.probe_fraction,
             self.probe_every,
+            slow=slow,
         )
         if size <= 0:
             return

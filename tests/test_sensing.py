@@ -13,6 +13,7 @@ from lightning_netsense.sensing import (
     fit_latency_bandwidth,
     peak_in_flight,
     probe_answered_fast,
+    probe_answered_slow,
     probe_size,
     probe_wait,
     queue_corrected_durations,
@@ -348,6 +349,8 @@ def test_probe_size_budget_growth_floor_and_cap():
     # a probe that answered fast grows fourfold, up to the largest size (the vouching size), never above it
     assert probe_size(20 * MBIT, True, 65536, 0.1, largest, 0.05, 2) == 262144
     assert probe_size(20 * MBIT, True, 6e6, 0.1, largest, 0.05, 2) == largest
+    # a probe that answered slow is followed by one of the largest size (which can replace a vouched estimate)
+    assert probe_size(20 * MBIT, False, 65536, 0.1, largest, 0.05, 2, slow=True) == largest
     # an infinite estimate does not jump to the largest bucket (it cost 1.9 s per probe at 20 Mbit/s)
     assert probe_size(math.inf, False, 0, 0.1, largest, 0.05, 2) == 65536
     assert probe_size(math.inf, False, 65536, 0.1, largest, 0.05, 2) == 131072
@@ -366,6 +369,8 @@ def test_probe_wait_keeps_probes_within_their_budget():
     assert probe_answered_fast(link, 131072, 0.001)  # a burst: 128 KB in 1 ms at a believed 20 Mbit/s
     assert not probe_answered_fast(link, 131072, 0.05)
     assert not probe_answered_fast(link, 131072, 0.0)  # no probe
+    assert probe_answered_slow(link, 131072, 0.2)  # 128 KB take 52 ms at 20 Mbit/s
+    assert not probe_answered_slow(link, 131072, 0.05) and not probe_answered_slow(link, 131072, 0.0)
 
 
 def test_reference_is_the_current_largest_dense_payload():
