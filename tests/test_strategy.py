@@ -88,9 +88,16 @@ def _lightning_fit(strategy_name: str, mode: str, max_steps: int, accumulate: in
 
     class _Probe(pl.Callback):
         comm_hook = None
+        step_marked: list = []
 
         def on_train_batch_end(self, trainer, *args):
             self.comm_hook = trainer.strategy.model._get_ddp_logging_data().get("comm_hook")
+
+        def on_before_backward(self, trainer, *args):
+            # the strategy's training_step marked the start of this step's forward (it times the first step)
+            state = getattr(trainer.strategy, "netsense_state", None)
+            if state is not None:
+                self.step_marked = [*self.step_marked, state._record.t_step_start is not None]
 
     pl.seed_everything(7, verbose=False)
     if strategy_name == "ddp":
@@ -120,6 +127,7 @@ def _lightning_fit(strategy_name: str, mode: str, max_steps: int, accumulate: in
         "comm_hook": probe.comm_hook,
         "steps": None if state is None else state.step,
         "mode_steps": None if state is None else dict(state.mode_steps),
+        "step_marked": probe.step_marked,
         "buckets": None if state is None else len(state.last_observation.bucket_bytes),
     }
 
@@ -145,6 +153,7 @@ def test_lightning_gradient_accumulation_counts_synchronising_steps(dist_pool):
         # the hook runs only on the micro-batch that synchronises: one boundary per optimizer step
         assert out[rank]["steps"] == 5
         assert out[rank]["mode_steps"] == {"fp16": 5}  # a stateless codec runs from the first step
+        assert out[rank]["step_marked"] == [True] * 10  # every micro-batch's forward is inside a marked step
     torch.testing.assert_close(out[0]["params"], out[1]["params"], rtol=0, atol=0)
 
 
