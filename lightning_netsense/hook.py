@@ -40,6 +40,7 @@ from lightning_netsense.sensing import (
     peak_in_flight,
     probe_answered_fast,
     probe_answered_slow,
+    probe_cap,
     probe_size,
     probe_wait,
     queue_corrected_durations,
@@ -140,7 +141,6 @@ class NetSenseState:
         "_probe_chain",
         "_next_probe",
         "_warmup_decision",
-        "_feedback_from",
         "_mode_error_step",
         "_calibrated",
         # statistics
@@ -206,8 +206,6 @@ class NetSenseState:
         self._next_probe = 0
         # mode of the warm-up steps (a stateless codec at most, see `active_decision`)
         self._warmup_decision: Decision = self._first_decision()
-        # step of the first error-feedback residual: a wrapper's first step runs on DDP's provisional buckets
-        self._feedback_from = 1
         # step at which each lossy mode's error was last measured (its age is told to the policy)
         self._mode_error_step: dict[str, int] = {}
         #: the observation the last decision was taken on (``None`` before the first boundary)
@@ -441,10 +439,7 @@ class NetSenseState:
         return self.estimator.vouches(largest)
 
     def _probe_cap(self, obs: Observation) -> int:
-        """Largest probe: the smallest that vouches for the link (``vouch_fraction`` of the largest dense
-        bucket; a probe and a dense bucket are both allreduced, so the ratio holds on the wire)."""
-        largest = max(obs.bucket_bytes, default=0)
-        return min(largest, 4 * math.ceil(self.estimator.vouch_fraction * largest / 4) + 4)
+        return probe_cap(max(obs.bucket_bytes, default=0), self.estimator.vouch_fraction)
 
     def _probe_bandwidth(self, obs: Observation, fast: bool, slow: bool = False) -> None:
         """Time one ``all_reduce`` of a probe buffer (collective; sized from agreed values only).
@@ -514,7 +509,6 @@ class NetSenseState:
         # a fresh DDP wrapper rebuilds its buckets after its first iteration: no lossy step (or residual) before
         self._plain_until = self.step + self.warmup_steps
         self._warmup_decision = self._first_decision()
-        self._feedback_from = self.step + 1
         self._next_probe = 0
         self._probe_chain = 0.0
         self._calibrated = False
@@ -680,7 +674,8 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
 
     t0 = time.perf_counter()
     if codec.lossy:
-        if state.error_feedback and state.step >= state._feedback_from:
+        # no residual from a wrapper's first step: DDP rebuilds its buckets after it (see `warmup_steps`)
+        if state.error_feedback and state.step > state._plain_until - state.warmup_steps:
             # grad + residual in the residual's memory, and the new residual formed in place: no full-size
             # allocation per bucket (each cost more than the arithmetic: page faults)
             grad = state.feedback.compensate(layout.index, buffer)

@@ -110,10 +110,13 @@ class FixedPolicy(Policy):
         return self.decision
 
     def first_decision(self, allowed: Sequence[Decision]) -> Decision:
-        # a stateless codec (fp16, bf16, int8, top-k) runs from the first step, as torch's hooks do
-        return self.decision if self.decision in allowed else Decision("none")
+        return self._if_allowed(allowed)
 
     def warmup_decision(self, observation: Observation, allowed: Sequence[Decision]) -> Decision:
+        return self._if_allowed(allowed)
+
+    def _if_allowed(self, allowed: Sequence[Decision]) -> Decision:
+        # a stateless codec (fp16, bf16, int8, top-k) runs from the first step, as torch's hooks do
         return self.decision if self.decision in allowed else Decision("none")
 
     def __repr__(self) -> str:

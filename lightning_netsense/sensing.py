@@ -91,6 +91,13 @@ def probe_size(
     return int(min(max(size, floor), largest)) // 4 * 4
 
 
+def probe_cap(largest: float, vouch_fraction: float) -> int:
+    """Largest probe worth sending: the smallest that vouches for the link (``vouch_fraction`` of the largest
+    dense bucket, rounded up to whole float32 elements, never above the bucket). A probe and a dense bucket are
+    both allreduced, so the ratio holds on the wire (see :class:`LinkEstimator`)."""
+    return int(min(largest, 4 * math.ceil(vouch_fraction * largest / 4) + 4))
+
+
 def probe_answered_fast(believed: LinkEstimate, wire: float, seconds: float) -> bool:
     """Whether a probe of ``wire`` bytes took under half the time the believed link needs for it."""
     return seconds > 0 and seconds < 0.5 * believed.time(wire)
@@ -101,17 +108,16 @@ def probe_answered_slow(believed: LinkEstimate, wire: float, seconds: float) -> 
     return seconds > 0 and seconds > 2.0 * believed.time(wire)
 
 
-def probe_wait(seconds: float, step_seconds: float, fraction: float, every: int, fast: bool = False) -> int:
+def probe_wait(seconds: float, step_seconds: float, fraction: float, every: int, follow_up: bool = False) -> int:
     """Steps until the next probe, after probes that took ``seconds`` in all.
 
     At least ``every``, and enough steps that the probes took at most ``fraction`` of them (an amortised budget
-    from the measured, not the predicted, time). A probe that answered ``fast`` (see
-    :func:`probe_answered_fast`) is followed by a larger one at the next step instead: the link may have
-    recovered, and each step in a needlessly lossy mode costs progress. Such a chain is paid for after its
-    last probe: the hook passes the chain's total ``seconds`` (each fast probe took under half its believed
-    time, and each is a quarter of the next, so the chain costs at most 4/3 of its last probe).
+    from the measured, not the predicted, time). With ``follow_up`` (the last probe answered fast or slow, see
+    :func:`probe_answered_fast` and :func:`probe_answered_slow`, and was below the vouching size) the next
+    probe runs at the next step instead: the link may have changed, and each step on a wrong belief costs
+    progress. Such a chain is paid for after its last probe: the hook passes the chain's total ``seconds``.
     """
-    if fast:
+    if follow_up:
         return 1
     amortised = math.ceil(seconds / (fraction * max(step_seconds, 1e-3)))
     return max(every, amortised)

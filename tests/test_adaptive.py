@@ -10,7 +10,14 @@ import torch
 
 from lightning_netsense.adaptive import PRIOR_REL_ERROR, NetSensePolicy, predicted_comm_time
 from lightning_netsense.observation import CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
-from lightning_netsense.sensing import LinkEstimator, probe_answered_fast, probe_answered_slow, probe_size, probe_wait
+from lightning_netsense.sensing import (
+    LinkEstimator,
+    probe_answered_fast,
+    probe_answered_slow,
+    probe_cap,
+    probe_size,
+    probe_wait,
+)
 
 MBIT = 1e6 / 8
 NUMELS = (250_000, 750_000)  # two fp32 buckets, 4 MB of gradients
@@ -283,7 +290,7 @@ def _simulate(
     decision, modes = Decision("none"), []
     line_rate = 10_000 * MBIT
     probe, probe_bytes, next_probe, chain = None, 0, 0, 0.0
-    cap = 4 * math.ceil(estimator.vouch_fraction * max(4 * n for n in numels) / 4) + 4  # as the hook's _probe_cap
+    cap = probe_cap(max(4 * n for n in numels), estimator.vouch_fraction)  # as the hook
 
     def timed(sizes, bandwidth):
         return [ALPHA + min(b, burst) / line_rate + max(0.0, b - burst) / bandwidth for b in sizes]

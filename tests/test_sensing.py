@@ -14,6 +14,7 @@ from lightning_netsense.sensing import (
     peak_in_flight,
     probe_answered_fast,
     probe_answered_slow,
+    probe_cap,
     probe_size,
     probe_wait,
     queue_corrected_durations,
@@ -349,6 +350,8 @@ def test_probe_size_budget_growth_floor_and_cap():
     # a probe that answered fast grows fourfold, up to the largest size (the vouching size), never above it
     assert probe_size(20 * MBIT, True, 65536, 0.1, largest, 0.05, 2) == 262144
     assert probe_size(20 * MBIT, True, 6e6, 0.1, largest, 0.05, 2) == largest
+    # the largest probe vouches for the link: a quarter of an 8 MB bucket, rounded up, never above the bucket
+    assert probe_cap(8e6, 0.25) == 2_000_004 and probe_cap(1000, 1.0) == 1000
     # a probe that answered slow is followed by one of the largest size (which can replace a vouched estimate)
     assert probe_size(20 * MBIT, False, 65536, 0.1, largest, 0.05, 2, slow=True) == largest
     # an infinite estimate does not jump to the largest bucket (it cost 1.9 s per probe at 20 Mbit/s)
@@ -362,8 +365,8 @@ def test_probe_wait_keeps_probes_within_their_budget():
     # a 26 ms probe with 5 % of 0.1 s steps: 6 steps (0.026 <= 0.05 * 0.1 * 6)
     assert probe_wait(0.026, 0.1, 0.05, 2) == 6
     assert probe_wait(0.001, 0.1, 0.05, 2) == 2  # never more often than `every` ...
-    assert probe_wait(0.001, 0.1, 0.05, 2, fast=True) == 1  # ... unless the link answered fast: probe on
-    assert probe_wait(0.5, 0.1, 0.05, 2, fast=True) == 1
+    assert probe_wait(0.001, 0.1, 0.05, 2, follow_up=True) == 1  # ... unless the link answered off: probe on
+    assert probe_wait(0.5, 0.1, 0.05, 2, follow_up=True) == 1
     assert probe_wait(0.5 + 0.125, 0.1, 0.05, 2) == 125  # the chain is paid for after its last probe
     link = LinkEstimate(alpha=ALPHA, bandwidth=20 * MBIT)
     assert probe_answered_fast(link, 131072, 0.001)  # a burst: 128 KB in 1 ms at a believed 20 Mbit/s

@@ -88,7 +88,9 @@ def _lightning_fit(strategy_name: str, mode: str, max_steps: int, accumulate: in
 
     class _Probe(pl.Callback):
         comm_hook = None
-        step_marked: list = []
+
+        def __init__(self) -> None:
+            self.step_marked: list[bool] = []
 
         def on_train_batch_end(self, trainer, *args):
             self.comm_hook = trainer.strategy.model._get_ddp_logging_data().get("comm_hook")
@@ -97,7 +99,7 @@ def _lightning_fit(strategy_name: str, mode: str, max_steps: int, accumulate: in
             # the strategy's training_step marked the start of this step's forward (it times the first step)
             state = getattr(trainer.strategy, "netsense_state", None)
             if state is not None:
-                self.step_marked = [*self.step_marked, state._record.t_step_start is not None]
+                self.step_marked.append(state._record.t_step_start is not None)
 
     pl.seed_everything(7, verbose=False)
     if strategy_name == "ddp":
