@@ -215,6 +215,54 @@ def test_bandwidth_probe_runs_while_compressed_with_agreed_sizes(dist_pool):
     assert not any(w > 0 for w in half[0]["wire"])
 
 
+_PAUSE = 0.25
+
+
+class _SlowBoundaries(NetSenseState):
+    """The calibration and every bandwidth probe take ``_PAUSE`` seconds more (as on a slow link)."""
+
+    def calibrate(self, layouts):
+        time.sleep(_PAUSE)
+        return super().calibrate(layouts)
+
+    def _probe_bandwidth(self, obs, fast, slow=False):
+        super()._probe_bandwidth(obs, fast, slow)
+        if self._bw_probe[1] > 0:
+            time.sleep(_PAUSE)
+            self._bw_probe = (self._bw_probe[0], self._bw_probe[1] + _PAUSE)
+
+
+def _slow_boundaries() -> dict:
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
+    state = _SlowBoundaries(policy=_LinkAware(mode="topk", density=0.01), probe_every=2, probe_fraction=1.0)
+    ddp.register_comm_hook(state, netsense_hook)
+    step_times, probed, calibrated = [], [], []
+    for step in range(6):
+        x, y = _batch(dist.get_rank(), step)
+        ddp.zero_grad()
+        state.begin_step()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        was_calibrated = state._calibrated
+        state.end_step()
+        step_times.append(state.last_observation.step_time)
+        probed.append(state._bw_probe[1] > 0)
+        calibrated.append(state._calibrated and not was_calibrated)
+    return {"step_times": step_times, "probed": probed, "calibrated": calibrated}
+
+
+@pytest.mark.slow
+def test_a_boundarys_probe_and_calibration_are_not_counted_in_the_next_step(dist_pool):
+    for out in dist_pool.run(_slow_boundaries):
+        slow = [a or b for a, b in zip(out["probed"], out["calibrated"])]
+        # both at the boundary before the first policy decision (then the probe's 0.25 s defers the next probe)
+        assert out["probed"][1] and out["calibrated"][1], out
+        # a step after a slow boundary is timed without it: a probe inflated the step time that amortises it,
+        # and the policy priced every mode on such steps
+        for before, step_time in zip(slow, out["step_times"][1:]):
+            assert step_time < _PAUSE, (before, out["step_times"])
+
+
 def _first_steps(pause: float = 0.0) -> dict:
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
