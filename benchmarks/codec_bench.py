@@ -15,6 +15,7 @@ the hook does per step on the ResNet-18-sized CNN's buckets (compress, error fee
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -327,7 +328,7 @@ def bench_hook_pass(steps: int, console: Console) -> None:
                 grad = feedback.compensate(layout.index, bucket)
                 payload, ctx = codec.compress(grad, layout)
                 t1 = time.perf_counter()
-                feedback.settle(layout.index, grad, lambda c: codec.subtract_sent_(c, payload, ctx, layout))
+                feedback.settle(layout.index, grad, functools.partial(codec.subtract_sent_, payload=payload, ctx=ctx, layout=layout))
                 t2 = time.perf_counter()
                 collected = payload.clone() if codec.summable else payload.repeat(WORLD)
                 t3 = time.perf_counter()
