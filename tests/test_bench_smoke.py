@@ -271,3 +271,23 @@ def test_driver_wait_reports_only_this_jobs_complete_errors(tmp_path):
     (tmp_path / "error_4_1.json").write_text(json.dumps({"error": "Traceback: boom"}))
     with pytest.raises(JobFailed, match="boom"):
         d._wait(["result_4_0.json"], 5.0, "job 4", errors="error_4_")
+
+
+def test_codec_bench_times_the_hook_pass_on_the_cnns_buckets():
+    import io
+
+    import codec_bench
+    from rich.console import Console
+    from workloads import resnet18
+
+    layouts = codec_bench._cnn_layouts()
+    # every parameter in exactly one bucket, at most 25 MiB past the cap, as DDP packs them
+    assert sum(x.numel for x in layouts) == sum(p.numel() for p in resnet18(stem="cifar").parameters())
+    assert len(layouts) >= 2 and [x.index for x in layouts] == list(range(len(layouts)))
+    out = io.StringIO()
+    codec_bench.bench_hook_pass(1, Console(file=out, width=160))
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == ["int8", "powersgd", "topk"]
+    for r in rows:  # compress, error feedback, aggregate, total: measured, positive, and the total adds up
+        parts = [float(c) for c in r.split("│")[2:6]]
+        assert all(p > 0 for p in parts) and parts[3] == pytest.approx(sum(parts[:3]), abs=0.15)
