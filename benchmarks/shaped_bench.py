@@ -260,16 +260,39 @@ def _job(workload: str, contender: str, trace: str | None, cfg: dict[str, Any], 
 
 
 def job_plan(cfg: dict[str, Any]) -> list[tuple[str, str | None]]:
-    """``(contender, trace)`` of every job of a workload's preset: the ideal once (unshaped, trace ``None``), then
-    trace by trace every other contender, then the ``extra`` jobs not already planned."""
+    """``(contender, trace)`` of every job of a workload's preset: the ideal (unshaped, trace ``None``), then
+    trace by trace every other contender, then the ``extra`` jobs not already planned, then the ideal again.
+
+    The ideal runs first and last, and the faster run counts (:func:`merge_ideal`): it is the compute-bound
+    limit, and one run of it on this shared 2-core machine moved between 121 and 209 samples/s for the CNN, below
+    contenders that communicate. The better of two runs, one on each side of the others, is the stricter bound.
+    """
     plan: list[tuple[str, str | None]] = []
-    if "ideal" in cfg["contenders"]:
+    ideal = "ideal" in cfg["contenders"]
+    if ideal:
         plan.append(("ideal", None))
     plan += [(c, tr) for tr in cfg["traces"] for c in cfg["contenders"] if c != "ideal"]
     for tr, c in cfg.get("extra", []):
         if (c, tr) not in plan:
             plan.append((c, tr))
+    if ideal:
+        plan.append(("ideal", None))
     return plan
+
+
+def merge_ideal(kept: dict[str, Any] | None, summary: dict[str, Any]) -> bool:
+    """Fold a repeated run of the ideal into the one ``kept`` so far (in place); True if ``summary`` is faster
+    and replaces it. Every run's samples/s is listed in ``repeats_samples_per_s``."""
+    if kept is None:
+        summary["repeats_samples_per_s"] = [summary["samples_per_s"]]
+        return True
+    seen = kept["repeats_samples_per_s"] + [summary["samples_per_s"]]
+    faster = (summary["samples_per_s"] or 0.0) > (kept["samples_per_s"] or 0.0)
+    if faster:
+        kept.clear()
+        kept.update(summary)
+    kept["repeats_samples_per_s"] = seen
+    return faster
 
 
 def run_all(args: argparse.Namespace, preset: dict[str, dict[str, Any]], console: Any,
@@ -353,11 +376,19 @@ def run_all(args: argparse.Namespace, preset: dict[str, dict[str, Any]], console
                     summary = report.summarise_run(r0, job["target"])
                     summary["trace"] = trace
                     summary["ranks_agree"] = [e["acc"] for e in r0["evals"]] == [e["acc"] for e in r1["evals"]]
-                    runs.append(summary)
+                    series = {"steps": r0["steps"], "evals": r0["evals"], "trace_log": out["trace_log"],
+                              "t_go": r0["t_go"]}
+                    if contender == "ideal":
+                        kept = next((r for r in runs if r["workload"] == wl and r["contender"] == "ideal"), None)
+                        if merge_ideal(kept, summary):
+                            raw[f"{wl}/{trace}/{contender}"] = series
+                        if kept is None:
+                            runs.append(summary)
+                    else:
+                        runs.append(summary)
+                        raw[f"{wl}/{trace}/{contender}"] = series
                     if contender != "ideal" and not summary["ranks_agree"]:
                         console.print("[yellow]  the two ranks evaluated different accuracies: their models differ[/]")
-                    raw[f"{wl}/{trace}/{contender}"] = {"steps": r0["steps"], "evals": r0["evals"],
-                                                        "trace_log": out["trace_log"], "t_go": r0["t_go"]}
                     label = LABELS["powersgd_standin"] if summary["standin"] else LABELS[contender]
                     acc = summary["final_acc"]
                     # the ideal's own model is never averaged: its TTA is derived from plain DDP's at the end

@@ -18,6 +18,7 @@ from shaped_bench import (
     Driver,
     JobFailed,
     job_plan,
+    merge_ideal,
     rate_at,
     slim,
     trace_events,
@@ -244,6 +245,21 @@ def test_presets_measure_what_the_targets_need():
     assert DYNAMIC_CYCLE[0][0] == 20.0 and {r for r, _ in DYNAMIC_CYCLE} == {20.0, 100.0, 1000.0}
     extra = dict(PRESETS["quick"]["digits"], traces=["dynamic"], contenders=["ddp"])
     assert job_plan(extra) == [("ddp", "dynamic"), ("ddp", "1g")]
+    # the ideal runs first and last (the faster run counts: one run of it moved from 121 to 209 samples/s)
+    both = dict(extra, contenders=["ideal", "ddp"])
+    assert job_plan(both) == [("ideal", None), ("ddp", "dynamic"), ("ddp", "1g"), ("ideal", None)]
+
+
+def test_the_faster_run_of_the_ideal_counts_and_both_are_listed():
+    first = {"contender": "ideal", "samples_per_s": 121.0, "train_s": 22.6}
+    assert merge_ideal(None, first) and first["repeats_samples_per_s"] == [121.0]
+    faster = {"contender": "ideal", "samples_per_s": 205.0, "train_s": 13.3}
+    assert merge_ideal(first, faster)  # replaces the kept one, in place
+    assert first["samples_per_s"] == 205.0 and first["train_s"] == 13.3
+    assert first["repeats_samples_per_s"] == [121.0, 205.0]
+    slower = {"contender": "ideal", "samples_per_s": 150.0, "train_s": 18.0}
+    assert not merge_ideal(first, slower)
+    assert first["samples_per_s"] == 205.0 and first["repeats_samples_per_s"] == [121.0, 205.0, 150.0]
 
 
 def test_static_contenders_never_probe_the_link():
