@@ -8,14 +8,12 @@ Per codec and bucket size it times what one rank does in :func:`lightning_netsen
 made locally) - and prints seconds per MiB of gradient and the compression ratio (dense allreduce wire bytes over
 the codec's wire bytes, N=2). Then the goal: for a 25 MiB bucket on a 100 Mbit/s link, codec time must be under
 10 % of the communication time the codec saves. Then ``torch.topk`` vs sampled-threshold selection, and the
-error of this project's single-allreduce PowerSGD against torch's two-collective PowerSGD maths. Last, what
-the hook does per step on the ResNet-18-sized CNN's buckets (compress, error feedback, aggregate).
+error of this project's single-allreduce PowerSGD against torch's two-collective PowerSGD maths.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
@@ -282,66 +280,6 @@ def bench_powersgd(rank: int, console: Console) -> None:
     console.print(table)
 
 
-def _cnn_layouts() -> list[BucketLayout]:
-    """The ResNet-18-sized CNN's buckets as DDP builds them (reverse parameter order, 25 MiB cap)."""
-    from workloads import resnet18  # benchmarks/ is on the path when this file runs as a script
-
-    shapes = [tuple(p.shape) for p in resnet18(stem="cifar").parameters()][::-1]
-    buckets: list[list[tuple[int, ...]]] = [[]]
-    size = 0
-    for shape in shapes:
-        buckets[-1].append(shape)
-        size += 4 * _numel(shape)
-        if size >= 25 * MIB:
-            buckets.append([])
-            size = 0
-    buckets = [b for b in buckets if b]
-    return [BucketLayout(i, sum(_numel(s) for s in b), tuple(b), WORLD) for i, b in enumerate(buckets)]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def bench_hook_pass(steps: int, console: Console) -> None:
-    """What the hook does per step on the CNN's buckets, with error feedback and a fresh gradient per bucket and
-    step (a tight loop on one buffer, as above, reuses freed memory and hides allocation costs)."""
-    from lightning_netsense.feedback import ErrorFeedback
-
-    layouts = _cnn_layouts()
-    table = Table(title=f"Hook pass on the ResNet-18-sized CNN ({sum(x.numel for x in layouts) / 1e6:.1f} M "
-                        f"parameters, {len(layouts)} buckets), error feedback on: median ms per step")
-    for column in ("codec", "compress", "error feedback", "aggregate", "total"):
-        table.add_column(column, justify="left" if column == "codec" else "right")
-    for mode in ("int8", "powersgd", "topk"):
-        codec = CODECS[mode]()
-        feedback = ErrorFeedback()
-        times: list[tuple[float, float, float]] = []
-        for _ in range(steps + 1):  # the first step pays one-time costs: dropped
-            parts = [0.0, 0.0, 0.0]
-            for layout in layouts:
-                bucket = torch.randn(layout.numel)
-                t0 = time.perf_counter()
-                grad = feedback.compensate(layout.index, bucket)
-                payload, ctx = codec.compress(grad, layout)
-                t1 = time.perf_counter()
-                feedback.settle(layout.index, grad, functools.partial(codec.subtract_sent_, payload=payload, ctx=ctx, layout=layout))
-                t2 = time.perf_counter()
-                collected = payload.clone() if codec.summable else payload.repeat(WORLD)
-                t3 = time.perf_counter()
-                codec.aggregate_into(collected, ctx, layout, bucket)
-                t4 = time.perf_counter()
-                for i, dt in enumerate((t1 - t0, t2 - t1, t4 - t3)):
-                    parts[i] += dt
-            times.append((parts[0], parts[1], parts[2]))
-        med = [statistics.median(t[i] for t in times[1:]) * 1e3 for i in range(3)]
-        table.add_row(mode, *(f"{x:.1f}" for x in med), f"{sum(med):.1f}")
-    console.print(table)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="buckets of 1 and 4 MiB, fewer repeats")
@@ -357,7 +295,6 @@ def main(argv: list[str] | None = None) -> None:
     bench_goal(4.0 if args.quick else 25.0, 100.0, 2 * repeats, console, known)
     bench_selection(sizes, 0.01, repeats, console)
     bench_powersgd(4, console)
-    bench_hook_pass(3 if args.quick else 6, console)
 
 
 if __name__ == "__main__":

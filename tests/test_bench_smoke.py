@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -289,21 +290,24 @@ def test_driver_wait_reports_only_this_jobs_complete_errors(tmp_path):
         d._wait(["result_4_0.json"], 5.0, "job 4", errors="error_4_")
 
 
-def test_codec_bench_times_the_hook_pass_on_the_cnns_buckets():
-    import io
-
-    import codec_bench
-    from rich.console import Console
+def test_hook_overhead_times_every_codec_on_the_cnns_buckets(capsys):
+    import hook_overhead
+    import torch
     from workloads import resnet18
 
-    layouts = codec_bench._cnn_layouts()
-    # every parameter in exactly one bucket, at most 25 MiB past the cap, as DDP packs them
-    assert sum(x.numel for x in layouts) == sum(p.numel() for p in resnet18(stem="cifar").parameters())
-    assert len(layouts) >= 2 and [x.index for x in layouts] == list(range(len(layouts)))
-    out = io.StringIO()
-    codec_bench.bench_hook_pass(1, Console(file=out, width=160))
-    rows = [line for line in out.getvalue().splitlines() if line.startswith("│")]
-    assert [r.split("│")[1].strip() for r in rows] == ["int8", "powersgd", "topk"]
-    for r in rows:  # compress, error feedback, aggregate, total: measured, positive, and the total adds up
-        parts = [float(c) for c in r.split("│")[2:6]]
-        assert all(p > 0 for p in parts) and parts[3] == pytest.approx(sum(parts[:3]), abs=0.15)
+    buckets = hook_overhead.buckets()
+    # every parameter in exactly one bucket, in DDP's (reverse) order
+    assert sum(n for _, n in buckets) == sum(p.numel() for p in resnet18(stem="cifar").parameters())
+    assert len(buckets) >= 2
+    threads = torch.get_num_threads()
+    try:
+        hook_overhead.main(["--steps", "3"])
+    finally:
+        torch.set_num_threads(threads)  # main() sets one thread: do not leave it to the tests after this one
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == list(hook_overhead._OPTIONS)
+    for line in lines:  # per step: the parts are measured, positive, and add up to the total
+        total = float(line.split()[1])
+        parts = [float(x) for x in re.findall(r"([0-9.]+) ms", line)]
+        assert len(parts) == 4 and all(p > 0 for p in parts)
+        assert total == pytest.approx(sum(parts) / 1e3, abs=2e-3)

@@ -131,8 +131,8 @@ class TopKCodec(Codec):
 
     def aggregate_into(self, collected: Tensor, ctx: Any, layout: BucketLayout, out: Tensor) -> Tensor:
         # straight into the bucket: no full-size temporary, and the division by the world size on the k * N
-        # received values rather than on every element (the CNN's two buckets: 22 -> 8 ms per step, see the hook
-        # pass table of benchmarks/codec_bench.py)
+        # received values rather than on every element (the CNN's two buckets: 17.5 -> 7.4 ms per step,
+        # benchmarks/hook_overhead.py)
         k = ctx
         rows = collected.view(layout.world_size, 2 * k)
         values = rows[:, :k].reshape(-1).view(torch.float32) / layout.world_size
