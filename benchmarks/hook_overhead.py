@@ -6,7 +6,8 @@ For each lossy codec, per step (both DDP-sized buckets of ~25 MB): the compensat
 (``ErrorFeedback.compensate``), ``compress``, the new residual with the error statistics (``ErrorFeedback.settle``
 with ``Codec.subtract_sent_``) and ``Codec.aggregate_into`` the bucket - what ``netsense_hook`` runs around its
 collective. Prints seconds per step (mean over the steps after two warm-up steps). Measured on this 2-core
-machine, one thread: fp16 0.048-0.057 s, PowerSGD r4 0.065-0.077 s, top-k 1 % 0.068 s (0.088-0.101 s before its
+machine, one thread: fp16 0.048-0.057 s, PowerSGD r4 0.055-0.069 s (0.075-0.081 s before its halves were computed as
+``P^T M`` and ``Q^T M^T``: compress 24-28 ms, now 9-13 ms), top-k 1 % 0.068 s (0.088-0.101 s before its
 |x| buffer and in-place aggregate), int8 0.11-0.13 s per step (before the in-place path: 0.109, 0.115, 0.135 and
 0.253 s).
 """

@@ -61,7 +61,7 @@ class _StepRecord:
     """What the hook records during one step; reset at each boundary."""
 
     __slots__ = ("t_step_start", "t_backward_start", "t_first", "t_last", "launch", "end", "wire", "index",
-                 "numel", "err2", "ref2", "codec_seconds", "cuda_events")
+                 "numel", "err2", "ref2", "cold", "codec_seconds", "cuda_events")
 
     def __init__(self) -> None:
         self.t_step_start: float | None = None
@@ -76,6 +76,8 @@ class _StepRecord:
         self.numel: list[int] = []
         self.err2 = 0.0
         self.ref2 = 0.0
+        # a lossy bucket found no error-feedback residual: the step's error is optimistic (see CodecProfile)
+        self.cold = False
         # appended from two threads (hook body and callback); list.append is atomic under the GIL, += is not
         self.codec_seconds: list[float] = []
         self.cuda_events: list[Any] = []
@@ -142,6 +144,7 @@ class NetSenseState:
         "_next_probe",
         "_warmup_decision",
         "_mode_error_step",
+        "_mode_error_cold",
         "_calibrated",
         # statistics
         "last_observation",
@@ -208,6 +211,8 @@ class NetSenseState:
         self._warmup_decision: Decision = self._first_decision()
         # step at which each lossy mode's error was last measured (its age is told to the policy)
         self._mode_error_step: dict[str, int] = {}
+        # lossy modes whose last error was measured without an error-feedback residual (told to the policy)
+        self._mode_error_cold: set[str] = set()
         #: the observation the last decision was taken on (``None`` before the first boundary)
         self.last_observation: Observation | None = None
         #: this rank's own measurements at the last boundary, before the ranks agreed (``None`` before it)
@@ -491,6 +496,7 @@ class NetSenseState:
             "policy": self.policy.state_dict(),
             "mode_errors": dict(self._mode_errors),
             "mode_error_step": dict(self._mode_error_step),
+            "mode_error_cold": sorted(self._mode_error_cold),
             "mode_cost": dict(self._mode_cost),
             "mode_steps": dict(self.mode_steps),
             "total_bytes_sent": self.total_bytes_sent,
@@ -507,6 +513,7 @@ class NetSenseState:
         # a checkpoint without the steps (older format): its errors count as measured at the resumed step
         steps = state.get("mode_error_step", {})
         self._mode_error_step = {str(k): int(steps.get(k, self.step)) for k in self._mode_errors}
+        self._mode_error_cold = {str(m) for m in state.get("mode_error_cold", ())} & set(self._mode_errors)
         self._mode_cost = {str(k): float(v) for k, v in state.get("mode_cost", {}).items()}
         self.mode_steps = {str(k): int(v) for k, v in state.get("mode_steps", {}).items()}
         self.total_bytes_sent = float(state.get("total_bytes_sent", 0.0))
@@ -584,6 +591,7 @@ class NetSenseState:
                 seconds_per_byte=0.0 if math.isnan(cost) else cost,
                 # identical on every rank: every rank ran the same agreed mode in the same steps
                 rel_error_age=self.step - self._mode_error_step.get(decision.mode, self.step),
+                rel_error_cold=decision.mode in self._mode_error_cold,
             )
         return out
 
@@ -604,6 +612,10 @@ class NetSenseState:
             rel_error = math.sqrt(rec.err2 / rec.ref2)
             self._mode_errors[mode] = rel_error
             self._mode_error_step[mode] = self.step
+            if rec.cold:
+                self._mode_error_cold.add(mode)
+            else:
+                self._mode_error_cold.discard(mode)
         else:
             rel_error = 0.0
         if self._last_boundary is not None:
@@ -689,6 +701,8 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
         if state.error_feedback and state.step > state._plain_until - state.warmup_steps:
             # grad + residual in the residual's memory, and the new residual formed in place: no full-size
             # allocation per bucket (each cost more than the arithmetic: page faults)
+            if state.feedback.residual(layout.index) is None:
+                rec.cold = True
             grad = state.feedback.compensate(layout.index, buffer)
             payload, ctx = codec.compress(grad, layout, **decision.options)
             err2, ref2 = state.feedback.settle(

@@ -132,6 +132,9 @@ class CodecProfile:
         rel_error: last measured ``||g - g_hat|| / ||g||`` (mean over ranks), ``None`` if never run.
         seconds_per_byte: measured compress + aggregate + decompress time per dense gradient byte (max over ranks).
         rel_error_age: steps since ``rel_error`` was measured (0: in the step just observed).
+        rel_error_cold: ``rel_error`` was measured in a step where error feedback had no residual yet (the
+            mode's first step after plain or warm-up steps): the residual that error feedback carries over has
+            not built up, so the error is optimistic.
     """
 
     mode: str
@@ -141,6 +144,7 @@ class CodecProfile:
     rel_error: float | None = None
     seconds_per_byte: float = 0.0
     rel_error_age: int = 0
+    rel_error_cold: bool = False
 
     @property
     def total_payload_bytes(self) -> int:

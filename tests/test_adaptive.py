@@ -470,6 +470,19 @@ def test_a_stale_measured_error_counts_no_lower_than_the_prior():
     assert policy.rel_error(worse) == 0.95
 
 
+def test_a_cold_measured_error_counts_no_lower_than_the_prior():
+    """Digits at 20 Mbit/s: top-k's error measured on an empty error-feedback residual (0.57) chose top-k over an
+    untried PowerSGD (prior 0.7) for five steps; with a residual it measured 0.73-0.75."""
+    obs = observe(20 * MBIT, overlap=0.05, errors={"topk": 0.57})
+    assert NetSensePolicy().choose(obs) == "topk"  # trusted as measured
+    cold = {m: dataclasses.replace(p, rel_error_cold=True) if m == "topk" else p for m, p in obs.codecs.items()}
+    policy = NetSensePolicy()
+    assert policy.rel_error(cold["topk"]) == PRIOR_REL_ERROR["topk"]  # max(0.57, prior 0.9)
+    assert policy.choose(dataclasses.replace(obs, codecs=cold)) == "powersgd"
+    # a cold error above the prior stays as measured (never lowered)
+    assert policy.rel_error(dataclasses.replace(cold["topk"], rel_error=0.95)) == 0.95
+
+
 def test_unbounded_slowdown_with_a_free_step_still_chooses():
     """A first step seen as free (no backward measured, infinite bandwidth, no latency): inf * 0 is nan, which
     once ruled every mode out of the warm-up decision (``min()`` of an empty sequence)."""

@@ -102,7 +102,7 @@ def _plan(layout: BucketLayout, rank: int) -> _Plan:
 
 def _orthonormal(matrices: Tensor) -> Tensor:
     """Orthonormalised copy of a batch ``(b, rows, r)`` with torch's PowerSGD routine (Gram-Schmidt or QR)."""
-    out = matrices.clone()
+    out = matrices.clone(memory_format=torch.contiguous_format)  # the halves arrive as transposed views
     _orthogonalize(out, epsilon=0)
     return out
 
@@ -155,13 +155,16 @@ class PowerSGDCodec(Codec):
             size = group.n * group.m
             rows = group.n if state.left else group.m
             for j, off in enumerate(group.offsets):
-                # each matrix's half straight into its slice of the payload: no stacked copy of the gradients
+                # each matrix's half straight into its slice of the payload: no stacked copy of the gradients.
+                # The half travels transposed, (r, rows): on CPU (MKL, one thread) the products with the thin
+                # factor on the left are 3-14x faster than with it on the right - measured on a 1024 x 1024
+                # gradient at rank 4: M^T P 6.4 ms, (P^T M) 0.47 ms; M Q 1.6 ms, (Q^T M^T) 0.58 ms
                 mat = flat[off : off + size].view(group.n, group.m)
-                target = payload[pos : pos + rows * rank].view(rows, rank)
+                target = payload[pos : pos + rows * rank].view(rank, rows)
                 if state.left:
-                    torch.mm(mat, q[j], out=target)
+                    torch.mm(q[j].T, mat.T, out=target)
                 else:
-                    torch.mm(mat.T, p[j], out=target)
+                    torch.mm(p[j].T, mat, out=target)
                 pos += rows * rank
         for off, length in state.plan.raw:
             payload[pos : pos + length] = flat[off : off + length]
@@ -237,7 +240,7 @@ def _rebuild(
     for group, pg, qg in zip(plan.groups, p, q):
         b, r = len(group.offsets), pg.shape[2]
         rows = group.n if left else group.m
-        half = payload[pos : pos + b * rows * r].view(b, rows, r)
+        half = payload[pos : pos + b * rows * r].view(b, r, rows).transpose(1, 2)  # sent as (r, rows) per matrix
         pos += half.numel()
         halves.append(half)
         size = group.n * group.m
