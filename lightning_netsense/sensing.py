@@ -309,6 +309,10 @@ class LinkEstimator:
         self.decay = float(decay)
         self.min_size_ratio = float(min_size_ratio)
         self._steps: deque[tuple[tuple[float, ...], tuple[float, ...]]] = deque(maxlen=window_steps)
+        # fits of the window's steps with spread sizes, by (sizes, seconds): such a fit does not depend on the
+        # latency estimate, and refitting every step of the window at every compute() was most of end_step's
+        # own time (about 1 ms of a 50 ms digits step on this machine)
+        self._fits: dict[tuple[tuple[float, ...], tuple[float, ...]], tuple[float | None, float]] = {}
         # last latency fitted from a step with spread sizes: used once every such step has left the window
         self._held_alpha: float | None = None
         # largest sample ever seen, and the bandwidth of the last window whose payloads were comparable to it
@@ -347,6 +351,9 @@ class LinkEstimator:
                 last = self._steps[-1]
                 self._steps.clear()
                 self._steps.append(last)
+        if len(self._fits) > 2 * self.window_steps:
+            window = set(self._steps)
+            self._fits = {k: v for k, v in self._fits.items() if k in window}
         # hold the newest fitted latency now, so that it survives its step leaving the window
         alpha = self._alpha()
         if alpha is not None:
@@ -432,9 +439,21 @@ class LinkEstimator:
         "fast" instead; the policy then probes less compression and the larger payloads measure the link.
         On a slow link even compressed payloads take long enough to resolve, so a drop is seen at once.
         """
-        beta = step_fit(nbytes, seconds, alpha, self.min_size_ratio)[1]
+        beta = self._step_fit(nbytes, seconds, alpha)[1]
         spread = max(nbytes) - (min(nbytes) if max(nbytes) >= self.min_size_ratio * min(nbytes) else 0.0)
         return beta if beta * spread >= self.resolution else 0.0
+
+    def _step_fit(
+        self, nbytes: tuple[float, ...], seconds: tuple[float, ...], alpha: float | None
+    ) -> tuple[float | None, float]:
+        """:func:`step_fit` of one window step, memoised for steps that fit their own latency."""
+        if max(nbytes) < self.min_size_ratio * min(nbytes):
+            return step_fit(nbytes, seconds, alpha, self.min_size_ratio)  # depends on `alpha`: closed form, cheap
+        key = (nbytes, seconds)
+        fit = self._fits.get(key)
+        if fit is None:
+            fit = self._fits[key] = step_fit(nbytes, seconds, None, self.min_size_ratio)
+        return fit
 
     def _alpha(self) -> float | None:
         """Weighted median of the latencies fitted by the window's steps (``None`` if no step could fit one)."""
@@ -442,7 +461,7 @@ class LinkEstimator:
         weights: list[float] = []
         for age, (b, s) in enumerate(reversed(self._steps)):
             if b:
-                a, _ = step_fit(b, s, None, self.min_size_ratio)
+                a, _ = self._step_fit(b, s, None)
                 if a is not None:
                     alphas.append(a)
                     weights.append(self.decay**age)
@@ -451,6 +470,7 @@ class LinkEstimator:
     def reset(self) -> None:
         """Forget every sample and the held latency."""
         self._steps.clear()
+        self._fits.clear()
         self._held_alpha = None
         self._ref_bytes = 0.0
         self._held_bandwidth = None
@@ -469,6 +489,7 @@ class LinkEstimator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self._steps.clear()
+        self._fits.clear()
         for b, s in state.get("steps", []):
             self._steps.append((tuple(float(x) for x in b), tuple(float(x) for x in s)))
         held = state.get("held_alpha")

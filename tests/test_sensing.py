@@ -257,6 +257,20 @@ def test_estimator_window_expires_old_samples():
     assert link.samples == 9
 
 
+def test_memoised_step_fits_stay_bounded_and_equal_a_fresh_fit():
+    """The estimator keeps each window step's own fit instead of refitting the window at every compute()."""
+    rng = random.Random(0)
+    est = LinkEstimator(window_steps=4)
+    for _ in range(50):
+        sizes = [200.0] + [rng.choice([6e4, 5e5, 2e6]) for _ in range(3)]
+        est.update(sizes, [1e-4 + b / (20 * MBIT) * rng.uniform(0.8, 1.3) for b in sizes])
+        est.compute()
+        assert len(est._fits) <= 2 * est.window_steps + 1  # pruned to (about) the window
+        fresh = LinkEstimator(window_steps=4)
+        fresh.load_state_dict(est.state_dict())  # same window, nothing memoised
+        assert fresh.compute() == est.compute()
+
+
 def test_estimator_state_dict_loads_with_weights_only():
     est = LinkEstimator(window_steps=5, decay=0.8)
     feed(est, DENSE, 50 * MBIT, steps=7)
