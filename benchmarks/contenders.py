@@ -165,6 +165,8 @@ def hook_state(name: str) -> Any:
     # a static compressor never reads the link estimate: it must not pay for the bandwidth probes the state
     # sends while a lossy mode runs (DGC does not probe either). FixedPolicy says so itself
     # (`uses_link_estimate = False`); probe_every=0 makes it independent of that default.
+    if name == "powersgd":  # torch's start_powerSGD_iter=2: two plain steps, as the hook it stands in for
+        return NetSenseState(policy=policy, probe_every=0, warmup_steps=2)
     if name in STATIC_COMPRESSORS:
         return NetSenseState(policy=policy, probe_every=0)
     return NetSenseState(policy=policy)

@@ -82,6 +82,7 @@ class FixedPolicy(Policy):
         density: top-k kept fraction in (0, 1]; only with ``mode="topk"``.
         rank: PowerSGD rank >= 1; only with ``mode="powersgd"``.
         chunk_size: int8 elements per scale; only with ``mode="int8"``.
+        bits: PowerSGD payload precision, 16 (bfloat16) or 32 (float32); only with ``mode="powersgd"``.
 
     Raises:
         ValueError: for an unknown mode, or an option that is out of range or does not apply to the mode.
@@ -99,9 +100,10 @@ class FixedPolicy(Policy):
         density: float | None = None,
         rank: int | None = None,
         chunk_size: int | None = None,
+        bits: int | None = None,
     ) -> None:
         self.mode = mode
-        self.decision = _make_decision(mode, density=density, rank=rank, chunk_size=chunk_size)
+        self.decision = _make_decision(mode, density=density, rank=rank, chunk_size=chunk_size, bits=bits)
 
     def candidates(self) -> Sequence[Decision]:
         return (self.decision,)

@@ -44,7 +44,7 @@ class NetSenseStrategy(DDPStrategy):
         policy: decides the mode of each step (default: :class:`~lightning_netsense.NetSensePolicy`, the
             adaptive policy; ``FixedPolicy()`` gives plain DDP through the hook).
         error_feedback: add what lossy codecs did not send to the next step.
-        warmup_steps: steps at the start in which only codecs without per-bucket state may run (>= 2: DDP
+        warmup_steps: steps at the start in which only codecs without per-bucket state may run (>= 1: DDP
             rebuilds its buckets after step 1); see :class:`~lightning_netsense.NetSenseState`.
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
@@ -71,7 +71,7 @@ class NetSenseStrategy(DDPStrategy):
         self,
         policy: Policy | None = None,
         error_feedback: bool = True,
-        warmup_steps: int = 2,
+        warmup_steps: int = 1,
         find_unused_parameters: bool = False,
         static_graph: bool = False,
         bucket_cap_mb: float | None = None,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_netsense.adaptive import PRIOR_REL_ERROR, NetSensePolicy, predicted_comm_time
+from lightning_netsense.adaptive import PRIOR_REL_ERROR, NetSensePolicy, powersgd_prior, predicted_comm_time
 from lightning_netsense.observation import CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
 from lightning_netsense.sensing import (
     LinkEstimator,
@@ -235,7 +235,7 @@ def test_candidates_carry_the_options():
     by_mode = {d.mode: d for d in policy.candidates()}
     assert set(by_mode) == set(policy.modes)
     assert by_mode["topk"].options == {"density": 0.05}
-    assert by_mode["powersgd"].options == {"rank": 2}
+    assert by_mode["powersgd"].options == {"rank": 2, "bits": 16}
     assert by_mode["none"].options == {}
 
 
@@ -457,14 +457,14 @@ def test_a_stale_measured_error_counts_no_lower_than_the_prior():
     while PowerSGD's own error had drifted up to 0.87 along training."""
     errors = {"powersgd": 0.87, "topk": 0.6}
     obs = observe(20 * MBIT, overlap=0.05, errors=errors)
-    fresh = NetSensePolicy(prior_floor=False).choose(obs)
+    fresh = NetSensePolicy(prior_floor=False, powersgd_rank=4).choose(obs)
     assert fresh == "topk"  # an error measured recently is trusted
     aged = {m: dataclasses.replace(p, rel_error_age=259) if m == "topk" else p for m, p in obs.codecs.items()}
     stale = dataclasses.replace(obs, codecs=aged)
-    policy = NetSensePolicy(prior_floor=False)
+    policy = NetSensePolicy(prior_floor=False, powersgd_rank=4)
     assert policy.rel_error(stale.codecs["topk"]) == PRIOR_REL_ERROR["topk"]  # max(0.6, prior 0.9)
     assert policy.choose(stale) == "powersgd"
-    assert NetSensePolicy(prior_floor=False, error_ttl=300).choose(stale) == "topk"  # within its time to live
+    assert NetSensePolicy(prior_floor=False, error_ttl=300, powersgd_rank=4).choose(stale) == "topk"  # within its time to live
     # a stale error above the prior stays as measured (never lowered)
     worse = dataclasses.replace(stale.codecs["topk"], rel_error=0.95)
     assert policy.rel_error(worse) == 0.95
@@ -474,9 +474,9 @@ def test_a_cold_measured_error_counts_no_lower_than_the_prior():
     """Digits at 20 Mbit/s: top-k's error measured on an empty error-feedback residual (0.57) chose top-k over an
     untried PowerSGD (prior 0.7) for five steps; with a residual it measured 0.73-0.75."""
     obs = observe(20 * MBIT, overlap=0.05, errors={"topk": 0.57})
-    assert NetSensePolicy(prior_floor=False).choose(obs) == "topk"  # trusted as measured
+    assert NetSensePolicy(prior_floor=False, powersgd_rank=4).choose(obs) == "topk"  # trusted as measured
     cold = {m: dataclasses.replace(p, rel_error_cold=True) if m == "topk" else p for m, p in obs.codecs.items()}
-    policy = NetSensePolicy(prior_floor=False)
+    policy = NetSensePolicy(prior_floor=False, powersgd_rank=4)
     assert policy.rel_error(cold["topk"]) == PRIOR_REL_ERROR["topk"]  # max(0.57, prior 0.9)
     assert policy.choose(dataclasses.replace(obs, codecs=cold)) == "powersgd"
     # a cold error above the prior stays as measured (never lowered)
@@ -487,7 +487,7 @@ def test_by_default_a_measured_error_counts_no_lower_than_the_prior():
     """Digits at 1 Gbit/s: PowerSGD measured 0.4-0.87 per step but needed 85 steps to 95 % against plain DDP's
     30 (1 - e^2 = 0.35, e = 0.8). Trusted as measured, it ran 21-89 % of the steps where fp16 is faster."""
     obs = observe(1000 * MBIT, overlap=0.01, step_time=0.05, errors={"powersgd": 0.5, "fp16": 1e-4})
-    floor, trusting = NetSensePolicy(), NetSensePolicy(prior_floor=False)
+    floor, trusting = NetSensePolicy(powersgd_rank=4), NetSensePolicy(prior_floor=False, powersgd_rank=4)
     assert floor.rel_error(obs.codecs["powersgd"]) == PRIOR_REL_ERROR["powersgd"] == 0.8
     assert trusting.rel_error(obs.codecs["powersgd"]) == 0.5
     assert floor.rel_error(obs.codecs["fp16"]) == PRIOR_REL_ERROR["fp16"]
@@ -505,3 +505,19 @@ def test_unbounded_slowdown_with_a_free_step_still_chooses():
     obs = observe(math.inf, overlap=0.0, step_time=0.0, alpha=0.0)
     assert NetSensePolicy().choose(obs, max_slowdown=math.inf) == "none"
     assert NetSensePolicy().warmup_decision(obs, list(NetSensePolicy().candidates())).mode == "none"
+
+
+def test_the_powersgd_prior_follows_the_rank():
+    """0.8 at rank 4 (85 steps to 95 % on digits against DDP's 30), 0.5 at rank 16 (35-55 against 30-40)."""
+    assert powersgd_prior(4) == PRIOR_REL_ERROR["powersgd"] == 0.8
+    assert powersgd_prior(16) == pytest.approx(0.5)
+    assert powersgd_prior(4) > powersgd_prior(8) > powersgd_prior(16)
+    assert powersgd_prior(1) == 0.95 and powersgd_prior(1024) == 0.3  # clipped beyond the measured ranks
+    obs = observe(20 * MBIT, overlap=0.05, errors={"powersgd": 0.1})
+    for rank in (4, 16):
+        assert NetSensePolicy(powersgd_rank=rank).rel_error(obs.codecs["powersgd"]) == pytest.approx(powersgd_prior(rank))
+    # an explicit prior wins over the rank's
+    assert NetSensePolicy(prior_errors={"powersgd": 0.6}).rel_error(obs.codecs["powersgd"]) == 0.6
+    assert {d.mode: d for d in NetSensePolicy().candidates()}["powersgd"].options == {"rank": 16, "bits": 16}
+    with pytest.raises(ValueError, match="powersgd_bits"):
+        NetSensePolicy(powersgd_bits=8)

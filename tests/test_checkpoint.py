@@ -91,7 +91,8 @@ def _train_then_resume(root: str, first_steps: int, total_steps: int) -> dict:
         return Trainer(
             accelerator="cpu",
             devices=2,
-            strategy=ln.NetSenseStrategy(policy=CountingPolicy()),
+            # two warm-up steps (the default is one): the resumed run must run all of them again
+            strategy=ln.NetSenseStrategy(policy=CountingPolicy(), warmup_steps=2),
             max_steps=max_steps,
             logger=CSVLogger(root, name="logs", version=0),
             callbacks=callbacks,

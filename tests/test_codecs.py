@@ -52,6 +52,8 @@ def test_registry_follows_mode_codes():
         ("powersgd", "rank", 0),
         ("powersgd", "rank", 2.5),
         ("powersgd", "rank", True),
+        ("powersgd", "bits", 8),
+        ("powersgd", "bits", True),
         ("int8", "chunk_size", 0),
         ("int8", "chunk_size", 3.5),
     ],
@@ -65,7 +67,7 @@ def test_bad_options_name_the_option(mode, option, bad):
 
 def test_options_have_defaults_and_do_not_cross_modes():
     assert TopKCodec.validate_options({}) == {"density": 0.01}
-    assert PowerSGDCodec.validate_options({}) == {"rank": 4}
+    assert PowerSGDCodec.validate_options({}) == {"rank": 4, "bits": 32}
     assert Int8Codec.validate_options({"chunk_size": 256.0}) == {"chunk_size": 256.0}  # checkpoints store floats
     with pytest.raises(ValueError, match="density"):
         FixedPolicy(mode="int8", density=0.1)
@@ -227,6 +229,28 @@ def test_powersgd_is_the_projection_of_the_mean_and_alternates():
         assert agg[0].norm() <= mean.norm() * (1 + 1e-6)
         # the codec's own contribution is the same projection of its own input
         assert (sent[0] - xs[0]).norm() <= xs[0].norm()
+
+
+def test_powersgd_bfloat16_payload_halves_the_bytes_and_feeds_its_rounding_back():
+    layout = _layout()
+    full, half = [PowerSGDCodec(), PowerSGDCodec()], [PowerSGDCodec(), PowerSGDCodec()]
+    assert half[0].payload_bytes(layout, rank=2, bits=16) * 2 == full[0].payload_bytes(layout, rank=2)
+    for step in range(3):
+        xs = _grads(layout, 2, seed=step)
+        expected_bytes = half[0].payload_bytes(layout, rank=2, bits=16)  # the next step's, both halves in turn
+        payloads, out, sent, agg = _exchange(half, xs, layout, rank=2, bits=16)
+        _, _, sent32, agg32 = _exchange(full, xs, layout, rank=2)
+        assert payloads[0].dtype == torch.bfloat16
+        assert payloads[0].numel() * 2 == expected_bytes
+        if step == 0:  # same seeded factors: only the rounding differs
+            assert not torch.equal(sent[0], sent32[0])
+        assert agg[0].dtype == torch.float32 and torch.equal(agg[0], agg[1])  # same factors on every rank
+        # the same projection, up to bfloat16's rounding (8-bit mantissa: ~0.3 % per element)
+        torch.testing.assert_close(agg[0], agg32[0], rtol=0.05, atol=0.02 * float(agg32[0].abs().max()))
+        # what error feedback keeps is what the rounded payload did not carry, exactly
+        payload, ctx = out[0]
+        residual = half[0].subtract_sent_(xs[0].clone(), payload, ctx, layout)
+        torch.testing.assert_close(residual, xs[0] - sent[0], rtol=0, atol=1e-6)
 
 
 def _matrix_views(flat):

@@ -47,7 +47,7 @@ def test_own_hook_is_refused(arg):
     [
         ({"bucket_cap_mb": -1}, "bucket_cap_mb"),
         ({"bucket_cap_mb": True}, "bucket_cap_mb"),
-        ({"warmup_steps": 1}, "warmup_steps"),
+        ({"warmup_steps": 0}, "warmup_steps"),
         ({"warmup_steps": 2.5}, "warmup_steps"),
         ({"error_feedback": "yes"}, "error_feedback"),
         ({"policy": "fp16"}, "policy"),
