@@ -144,6 +144,7 @@ class NetSenseState:
         "_bw_probe",
         "_probe_bytes",
         "_probe_chain",
+        "_probe_calm",
         "_next_probe",
         "_warmup_decision",
         "_mode_error_step",
@@ -208,6 +209,8 @@ class NetSenseState:
         self._probe_bytes = 0
         # agreed seconds of the current chain of fast-answering probes (paid for after its last probe)
         self._probe_chain = 0.0
+        # probes in a row that answered as believed (each doubles the wait before the next)
+        self._probe_calm = 0
         # first step whose boundary may probe (agreed: derived from agreed probe durations only)
         self._next_probe = 0
         # mode of the warm-up steps (a stateless codec at most, see `active_decision`)
@@ -418,11 +421,17 @@ class NetSenseState:
             # amortise: the chain's agreed durations must fit in `probe_fraction` of the steps until the next
             self._probe_chain += agreed.bw_probe_seconds
             step_seconds = max(agreed.step_time, agreed.backward_time)
-            wait = probe_wait(self._probe_chain, step_seconds, self.probe_fraction, self.probe_every, fast or slow)
+            # while the link answers as believed, probe less often (see `probe_wait`)
+            self._probe_calm = 0 if fast or slow else self._probe_calm + 1
+            wait = probe_wait(
+                self._probe_chain, step_seconds, self.probe_fraction, self.probe_every, fast or slow, self._probe_calm
+            )
             if not (fast or slow):
                 self._probe_chain = 0.0
             # the probe ran at the last boundary (step - 1): the next may run at the boundary of step - 1 + wait
             self._next_probe = self.step + wait
+        if decision.mode != used.mode:  # a new regime (the link moved): back to probing at the base rate
+            self._probe_calm = 0
         if self.probe_every and self._traffic_vouches(observation, used):
             # this step's own payloads measured the link (an int8 first step, fp16 before a drop): a probe now
             # would measure it again. Measured at 20 Mbit/s on the digits MLP: the probe after the int8 first step
@@ -530,6 +539,7 @@ class NetSenseState:
         self._warmup_decision = self._first_decision()
         self._next_probe = 0
         self._probe_chain = 0.0
+        self._probe_calm = 0
         self._calibrated = False
 
     # ------------------------------------------------------------------ internals

@@ -14,6 +14,8 @@ from typing import Any
 from lightning_netsense.observation import LinkEstimate
 
 __all__ = [
+    "CALM_FACTOR",
+    "CALM_SECONDS",
     "LinkEstimator",
     "fit_latency_bandwidth",
     "peak_in_flight",
@@ -108,7 +110,15 @@ def probe_answered_slow(believed: LinkEstimate, wire: float, seconds: float) -> 
     return seconds > 0 and seconds > 2.0 * believed.time(wire)
 
 
-def probe_wait(seconds: float, step_seconds: float, fraction: float, every: int, follow_up: bool = False) -> int:
+#: while probes answer as believed, the wait between them doubles per probe (:func:`probe_wait`'s ``calm``), up
+#: to this many times ``every`` and this many seconds of steps: a recovery is still seen within that time
+CALM_FACTOR = 16
+CALM_SECONDS = 4.0
+
+
+def probe_wait(
+    seconds: float, step_seconds: float, fraction: float, every: int, follow_up: bool = False, calm: int = 0
+) -> int:
     """Steps until the next probe, after probes that took ``seconds`` in all.
 
     At least ``every``, and enough steps that the probes took at most ``fraction`` of them (an amortised budget
@@ -116,11 +126,20 @@ def probe_wait(seconds: float, step_seconds: float, fraction: float, every: int,
     :func:`probe_answered_fast` and :func:`probe_answered_slow`, and was below the vouching size) the next
     probe runs at the next step instead: the link may have changed, and each step on a wrong belief costs
     progress. Such a chain is paid for after its last probe: the hook passes the chain's total ``seconds``.
+
+    ``calm`` probes in a row answered as believed: the wait is at least ``every * 2**calm``, up to
+    :data:`CALM_FACTOR` times ``every`` and :data:`CALM_SECONDS` of steps (never below ``every``). Measured on
+    the CNN at 100 Mbit/s: a 0.5 MB probe every other step (0.03 s of 0.4 s steps, the whole 5 % budget) while
+    the estimate stayed at 98 Mbit/s for 40 steps.
     """
     if follow_up:
         return 1
     amortised = math.ceil(seconds / (fraction * max(step_seconds, 1e-3)))
-    return max(every, amortised)
+    wait = max(every, amortised)
+    if calm > 0:
+        most = max(every, min(every * CALM_FACTOR, int(CALM_SECONDS / max(step_seconds, 1e-3))))
+        wait = max(wait, min(every << min(calm, 16), most))
+    return wait
 
 
 def peak_in_flight(launch: Sequence[float], end: Sequence[float], nbytes: Sequence[float]) -> float:

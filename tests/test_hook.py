@@ -204,9 +204,9 @@ def test_bandwidth_probe_runs_while_compressed_with_agreed_sizes(dist_pool):
     assert out[0]["estimator"] == out[1]["estimator"]
     probed = [w > 0 for w in out[0]["wire"]]
     # the first boundary before a policy decision probes (the one warm-up step's top-k kilobytes do not measure
-    # the link); then the schedule follows the agreed probe durations (amortised budget, see test_sensing),
-    # identically on both ranks
-    assert probed[0] and sum(probed) >= 3, probed
+    # the link); then the schedule follows the agreed probe durations (amortised budget, and a back-off while
+    # they answer as believed, see test_sensing), identically on both ranks
+    assert probed[0] and sum(probed) >= 2, probed
     assert [w > 0 for w in out[1]["wire"]] == probed
     never = dist_pool.run(_probing, 0)
     assert not any(w > 0 for w in never[0]["wire"])

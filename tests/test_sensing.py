@@ -9,6 +9,8 @@ import torch
 
 from lightning_netsense.observation import LinkEstimate, allgather_wire_bytes, allreduce_wire_bytes
 from lightning_netsense.sensing import (
+    CALM_FACTOR,
+    CALM_SECONDS,
     LinkEstimator,
     fit_latency_bandwidth,
     peak_in_flight,
@@ -390,6 +392,18 @@ def test_probe_wait_keeps_probes_within_their_budget():
     assert not probe_answered_fast(link, 131072, 0.0)  # no probe
     assert probe_answered_slow(link, 131072, 0.2)  # 128 KB take 52 ms at 20 Mbit/s
     assert not probe_answered_slow(link, 131072, 0.05) and not probe_answered_slow(link, 131072, 0.0)
+
+
+def test_probe_wait_backs_off_while_the_link_answers_as_believed():
+    # each calm probe doubles the wait: 4, 8, 16, 32 steps of 0.05 s ...
+    assert [probe_wait(0.001, 0.05, 0.05, 2, calm=c) for c in range(6)] == [2, 4, 8, 16, 32, 32]
+    # ... up to CALM_FACTOR x every, and CALM_SECONDS of steps: 0.4 s steps wait at most 10 steps
+    assert probe_wait(0.001, 0.4, 0.05, 2, calm=10) == int(CALM_SECONDS / 0.4) == 10
+    assert probe_wait(0.001, 10.0, 0.05, 2, calm=10) == 2  # never below `every`
+    assert probe_wait(0.001, 0.05, 0.05, 2, calm=60) == 2 * CALM_FACTOR  # no overflow from a long calm
+    # the budget still rules when it asks for more; an answer off the belief probes on at once
+    assert probe_wait(1.0, 0.05, 0.05, 2, calm=1) == 400
+    assert probe_wait(0.001, 0.05, 0.05, 2, follow_up=True, calm=5) == 1
 
 
 def test_reference_is_the_current_largest_dense_payload():
