@@ -518,6 +518,6 @@ def test_the_powersgd_prior_follows_the_rank():
         assert NetSensePolicy(powersgd_rank=rank).rel_error(obs.codecs["powersgd"]) == pytest.approx(powersgd_prior(rank))
     # an explicit prior wins over the rank's
     assert NetSensePolicy(prior_errors={"powersgd": 0.6}).rel_error(obs.codecs["powersgd"]) == 0.6
-    assert {d.mode: d for d in NetSensePolicy().candidates()}["powersgd"].options == {"rank": 16, "bits": 16}
+    assert {d.mode: d for d in NetSensePolicy().candidates()}["powersgd"].options == {"rank": 8, "bits": 16}
     with pytest.raises(ValueError, match="powersgd_bits"):
         NetSensePolicy(powersgd_bits=8)
