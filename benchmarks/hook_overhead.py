@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
                 t1 = time.perf_counter()
                 payload, ctx = codec.compress(grad, layout, **options)
                 t2 = time.perf_counter()
-                subtract = functools.partial(codec.subtract_sent_, payload=payload, ctx=ctx, layout=layout)
-                feedback.settle(index, grad, subtract)
+                bound = {"payload": payload, "ctx": ctx, "layout": layout}
+                feedback.settle(index, grad, functools.partial(codec.subtract_sent_, **bound),
+                                functools.partial(codec.residual_sq_norm, **bound))
                 t3 = time.perf_counter()
                 collected = payload.clone() if codec.summable else payload.repeat(2)  # as two ranks' collective
                 codec.aggregate_into(collected, ctx, layout, bucket)

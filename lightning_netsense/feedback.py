@@ -63,8 +63,21 @@ class ErrorFeedback:
             return grad.clone()
         return residual.add_(grad)
 
-    def settle(self, index: int, compensated: Tensor, subtract_sent: Callable[[Tensor], Tensor]) -> tuple[float, float]:
+    def settle(
+        self,
+        index: int,
+        compensated: Tensor,
+        subtract_sent: Callable[[Tensor], Tensor],
+        residual_sq_norm: Callable[[float], float | None] | None = None,
+    ) -> tuple[float, float]:
         """Keep ``subtract_sent(compensated)`` (``compensated - sent``, in place if it can) as the residual.
+
+        Args:
+            index: the bucket.
+            compensated: ``grad + residual`` from :meth:`compensate`.
+            subtract_sent: forms the new residual from ``compensated`` (a codec's ``subtract_sent_``).
+            residual_sq_norm: given ``||compensated||^2``, the new residual's squared norm when it is known without
+                a pass over it (a codec's ``residual_sq_norm``), or ``None`` to measure it.
 
         Returns:
             ``(||compensated - sent||^2, ||compensated||^2)`` for the error statistic, or ``(nan, nan)`` if
@@ -73,7 +86,8 @@ class ErrorFeedback:
         # float32 norms: a statistic, not arithmetic that feeds back (a float64 copy of a 25 MB bucket is not free)
         ref2 = float(torch.linalg.vector_norm(compensated)) ** 2
         residual = subtract_sent(compensated)
-        err2 = float(torch.linalg.vector_norm(residual)) ** 2
+        known = residual_sq_norm(ref2) if residual_sq_norm is not None and math.isfinite(ref2) else None
+        err2 = float(torch.linalg.vector_norm(residual)) ** 2 if known is None else known
         if not (math.isfinite(err2) and math.isfinite(ref2)):
             self.discard(index)
             self.resets += 1

@@ -9,6 +9,7 @@ their measurements in one small ``all_gather`` and run the policy on the identic
 # No `from __future__ import annotations` here: DDP checks the hook's annotations at runtime
 # (`bucket: dist.GradBucket`, `-> torch.futures.Future[torch.Tensor]`) and rejects strings.
 
+import functools
 import logging
 import math
 import time
@@ -324,6 +325,7 @@ class NetSenseState:
         # the calibration (0.15 of 0.30 s for the digits MLP's 2.2 M parameters, one thread)
         grads = [torch.randn(layout.numel, generator=gen) for layout in layouts]
         out = {}
+        feedback = ErrorFeedback()  # a scratch memory: the training's residuals are not touched
         for decision in (_PLAIN, *self.policy.candidates()):
             if decision.mode in out or decision.mode not in self.codecs:
                 continue
@@ -338,9 +340,14 @@ class NetSenseState:
                     grad = base.clone()
                     t0 = time.perf_counter()
                     payload, ctx = codec.compress(grad, layout, **options)
-                    if codec.lossy:  # the hook's error-feedback path: two norms and the residual in place
-                        float(torch.linalg.vector_norm(grad))
-                        float(torch.linalg.vector_norm(codec.subtract_sent_(grad, payload, ctx, layout)))
+                    if codec.lossy:  # the hook's error-feedback path: the residual in place and its statistics
+                        bound = {"payload": payload, "ctx": ctx, "layout": layout}
+                        feedback.settle(
+                            layout.index,
+                            grad,
+                            functools.partial(codec.subtract_sent_, **bound),
+                            functools.partial(codec.residual_sq_norm, **bound),
+                        )
                     collected = payload.clone() if codec.summable else payload.repeat(layout.world_size)
                     codec.aggregate_into(collected, ctx, layout, grad)
                     seconds += time.perf_counter() - t0
@@ -718,7 +725,10 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
             grad = state.feedback.compensate(layout.index, buffer)
             payload, ctx = codec.compress(grad, layout, **decision.options)
             err2, ref2 = state.feedback.settle(
-                layout.index, grad, lambda c: codec.subtract_sent_(c, payload, ctx, layout)
+                layout.index,
+                grad,
+                lambda c: codec.subtract_sent_(c, payload, ctx, layout),
+                lambda r2: codec.residual_sq_norm(r2, payload, ctx, layout),
             )
         else:
             payload, ctx = codec.compress(buffer, layout, **decision.options)

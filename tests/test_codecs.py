@@ -1,6 +1,7 @@
 """Codec maths on one process: options, payload sizes, error bounds, top-k selection, PowerSGD projections,
 non-finite propagation and error-feedback conservation (the 2-rank gloo runs are in test_codecs_dist.py)."""
 
+import functools
 import math
 
 import pytest
@@ -213,7 +214,7 @@ def test_powersgd_is_the_projection_of_the_mean_and_alternates():
         xs = _grads(layout, 2, seed=step)
         mean = (xs[0] + xs[1]) / 2
         _, out, sent, agg = _exchange(codecs, xs, layout, rank=2)
-        _, left, p, q = out[0][1]
+        _, left, p, q, _ = out[0][1]
         assert left == (step % 2 == 0)
         assert torch.equal(agg[0], agg[1])  # identical factors on every rank
         expected = mean.clone()
@@ -330,8 +331,15 @@ def test_error_feedback_conserves_the_gradient(modes, in_place):
             payload, ctx = codec.compress(compensated, layout)
             sent = codec.decompress(payload, ctx, layout)
             expected = compensated - sent
-            err2, _ = feedback.settle(layout.index, compensated, lambda c: codec.subtract_sent_(c, payload, ctx, layout))
+            bound = {"payload": payload, "ctx": ctx, "layout": layout}
+            err2, _ = feedback.settle(
+                layout.index,
+                compensated,
+                functools.partial(codec.subtract_sent_, **bound),
+                functools.partial(codec.residual_sq_norm, **bound),
+            )
             torch.testing.assert_close(feedback.residual(layout.index), expected, rtol=0, atol=1e-6)
+            assert err2 == pytest.approx(float(expected.norm()) ** 2, rel=1e-4)  # stated or measured alike
             assert feedback.norm() == pytest.approx(float(expected.norm()), rel=1e-5)
             assert torch.equal(grad, original)  # the bucket itself is not touched
         else:
@@ -357,6 +365,49 @@ def test_subtract_sent_is_compensated_minus_own_contribution(mode):
     payload, ctx = codec.compress(compensated, layout)
     expected = compensated - codec.decompress(payload, ctx, layout)
     torch.testing.assert_close(codec.subtract_sent_(compensated.clone(), payload, ctx, layout), expected)
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [("topk", {}), ("topk", {"density": 0.3}), ("powersgd", {"bits": 32}), ("powersgd", {"bits": 16}),
+     ("powersgd", {"rank": 1, "bits": 16}), ("int8", {}), ("fp16", {}), ("bf16", {})],
+)
+def test_residual_sq_norm_is_the_norm_of_the_residual_or_unknown(mode, options):
+    """Top-k and PowerSGD state ``||compensated - sent||^2`` from ``||compensated||^2`` and the payload (Pythagoras),
+    on both PowerSGD halves and with its bfloat16 rounding; the other codecs leave it to be measured (None)."""
+    layout = _layout(world=2)
+    codec = CODECS[mode]()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):  # PowerSGD: the left half, the right half (factors advanced by the aggregate), left again
+        compensated = torch.randn(layout.numel, generator=gen)
+        payload, ctx = codec.compress(compensated, layout, **options)
+        ref2 = float(compensated.double().norm()) ** 2
+        measured = float(codec.subtract_sent_(compensated.clone(), payload, ctx, layout).double().norm()) ** 2
+        known = codec.residual_sq_norm(ref2, payload, ctx, layout)
+        if mode in ("int8", "fp16", "bf16"):
+            assert known is None
+        else:
+            assert 0 < measured < ref2
+            assert known == pytest.approx(measured, rel=1e-4)
+        collected = payload.clone() if codec.summable else payload.repeat(layout.world_size)
+        codec.aggregate_into(collected, ctx, layout, torch.empty(layout.numel))
+
+
+def test_powersgd_residual_norm_counts_the_bfloat16_rounding():
+    """On a rank-1 gradient the warm-started projection becomes exact, and what remains of the residual is the
+    payload's bfloat16 rounding: the stated norm must hold it (``ref2 - ||p||^2`` alone would read zero)."""
+    layout = _layout(shapes=((64, 32),), world=1)
+    gen = torch.Generator().manual_seed(4)
+    grad = torch.outer(torch.randn(64, generator=gen), torch.randn(32, generator=gen)).reshape(-1)
+    codec = PowerSGDCodec()
+    for _ in range(4):  # left, right, left, right: the factors lock onto the gradient's singular vectors
+        payload, ctx = codec.compress(grad, layout, rank=1, bits=16)
+        ref2 = float(grad.double().norm()) ** 2
+        measured = float(codec.subtract_sent_(grad.clone(), payload, ctx, layout).double().norm()) ** 2
+        known = codec.residual_sq_norm(ref2, payload, ctx, layout)
+        codec.aggregate_into(payload.clone(), ctx, layout, torch.empty(layout.numel))
+    assert 1e-9 * ref2 < measured < 1e-3 * ref2  # the projection is exact up to the rounding
+    assert known == pytest.approx(measured, rel=0.2)  # float32 products: without the rounding term, half of it
 
 
 @pytest.mark.parametrize("mode", ["none", "int8", "topk", "powersgd", "fp16", "bf16"])

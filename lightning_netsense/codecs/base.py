@@ -103,6 +103,17 @@ class Codec(ABC):
         """
         return compensated.sub_(self.decompress(payload, ctx, layout).view_as(compensated))
 
+    def residual_sq_norm(self, ref2: float, payload: Tensor, ctx: Any, layout: BucketLayout) -> float | None:
+        """``||compensated - own contribution||^2`` from ``ref2 = ||compensated||^2`` and the payload, or ``None``.
+
+        A codec whose contribution is an orthogonal projection of the compensated gradient knows the new residual's
+        norm without a pass over it (Pythagoras: ``||c - s||^2 = ||c||^2 - ||s||^2`` when ``c - s`` is orthogonal to
+        ``s``): top-k sends some entries exactly, PowerSGD projects on orthonormal factors. The hook then skips one
+        full-size norm per bucket and step (the error statistic). The default, ``None``, makes the hook measure
+        the residual.
+        """
+        return None
+
     @abstractmethod
     def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         """Average of all ranks' contributions from the collective's output, flat, ``layout.numel`` elements.

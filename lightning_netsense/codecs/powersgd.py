@@ -178,26 +178,40 @@ class PowerSGDCodec(Codec):
         for off, length in state.plan.raw:
             payload[pos : pos + length] = flat[off : off + length]
             pos += length
+        exact = payload
         if int(options.get("bits", self.default_options["bits"])) == 16:
             payload = payload.to(torch.bfloat16)
-        # the factors and half used now travel in ctx: aggregate must rebuild with them, not with updated ones
-        return payload, (state, state.left, list(state.p), list(state.q))
+        # the factors and half used now travel in ctx: aggregate must rebuild with them, not with updated ones;
+        # the float32 payload stays for the error statistic (`residual_sq_norm`)
+        return payload, (state, state.left, list(state.p), list(state.q), exact)
 
     def decompress(self, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
-        state, left, p, q = ctx
+        state, left, p, q, _ = ctx
         return _rebuild(payload, state.plan, left, p, q, layout.numel)[0]
 
     def subtract_sent_(self, compensated: Tensor, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         # each matrix's low-rank product subtracted in place (addmm_), no full-size decompressed copy
-        state, left, p, q = ctx
+        state, left, p, q, _ = ctx
         _rebuild(payload, state.plan, left, p, q, layout.numel, out=compensated.view(-1), subtract=True)
         return compensated
+
+    def residual_sq_norm(self, ref2: float, payload: Tensor, ctx: Any, layout: BucketLayout) -> float | None:
+        # Per matrix the half A = M Q (or B = M^T P) projects on orthonormal factors, so M - A Q^T is orthogonal to
+        # what was sent and ||M - A~ Q^T||^2 = ||M||^2 - ||A||^2 + ||A - A~||^2 (A~: A rounded to the payload's
+        # dtype); uncompressed entries are sent as they are, up to the same rounding. Summed over the payload
+        # ``p`` (float32) and what was sent ``p~``: ``||c||^2 - ||p||^2 + ||p - p~||^2``, from a payload of a few
+        # hundred kB instead of a pass over the bucket.
+        exact = ctx[4]
+        err2 = ref2 - float(torch.linalg.vector_norm(exact)) ** 2
+        if payload.dtype != exact.dtype:
+            err2 += float(torch.linalg.vector_norm(exact - payload.float())) ** 2
+        return max(err2, 0.0)
 
     def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         return self.aggregate_into(collected, ctx, layout, None)
 
     def aggregate_into(self, collected: Tensor, ctx: Any, layout: BucketLayout, out: Tensor | None) -> Tensor:
-        state, left, p, q = ctx
+        state, left, p, q, _ = ctx
         mean = collected.float() / layout.world_size  # (a bfloat16 sum is rebuilt in float32)
         flat = None if out is None else out.view(-1)
         out, halves = _rebuild(mean, state.plan, left, p, q, layout.numel, out=flat)

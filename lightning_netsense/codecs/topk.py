@@ -125,6 +125,12 @@ class TopKCodec(Codec):
         k = ctx
         return compensated.view(-1).index_fill_(0, payload[k:].long(), 0.0).view_as(compensated)
 
+    def residual_sq_norm(self, ref2: float, payload: Tensor, ctx: Any, layout: BucketLayout) -> float | None:
+        # the k kept entries (distinct indices) are sent exactly, the rest not at all: ||c - s||^2 = ||c||^2 - ||kept||^2
+        k = ctx
+        kept = float(torch.linalg.vector_norm(payload[:k].view(torch.float32))) ** 2
+        return max(ref2 - kept, 0.0)
+
     def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         out = torch.empty(layout.numel, dtype=torch.float32, device=collected.device)
         return self.aggregate_into(collected, ctx, layout, out)
