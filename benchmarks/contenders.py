@@ -4,6 +4,10 @@ Every contender trains the same model, on the same data, from the same seed; onl
 
 =================  ============================================================================================
 ``ideal``          no gradient exchange at all (local gradients only, no DDP): the compute-bound limit.
+``ideal_sync``     DDP with the exchange skipped (a hook that returns the local gradient at once), paying what
+                   every DDP contender pays besides communication: DDP's bookkeeping and bucket copies, and the
+                   ranks waiting for each other at the per-step agreement - the limit of synchronous training
+                   with free communication.
 ``ddp``            plain DDP, no communication hook (torch's built-in bucketed allreduce).
 ``fp16``           torch's ``fp16_compress_hook`` registered with ``register_comm_hook`` (on CPU/gloo too).
 ``powersgd``       torch's ``powerSGD_hook`` (rank 4, error feedback, warm start, from step 2) - if the pilot
@@ -34,13 +38,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CONTENDERS", "LABELS", "STATIC_COMPRESSORS", "Contender", "build", "hook_state", "run_pilot"]
+__all__ = ["CONTENDERS", "LABELS", "REFERENCES", "STATIC_COMPRESSORS", "Contender", "build", "hook_state", "run_pilot"]
 
 #: contender names in table order
-CONTENDERS: tuple[str, ...] = ("ideal", "ddp", "fp16", "powersgd", "topk", "aimd", "netsense")
+CONTENDERS: tuple[str, ...] = ("ideal", "ideal_sync", "ddp", "fp16", "powersgd", "topk", "aimd", "netsense")
+#: the references: no exchange at all, unshaped; each rank trains its own model (no time to accuracy of their own)
+REFERENCES: tuple[str, ...] = ("ideal", "ideal_sync")
 #: human-readable names
 LABELS: dict[str, str] = {
     "ideal": "ideal (no comm)",
+    "ideal_sync": "ideal, synced (DDP, no exchange)",
     "ddp": "plain DDP",
     "fp16": "torch fp16 hook",
     "powersgd": "torch PowerSGD r4",
@@ -119,6 +126,9 @@ def build(name: str, model: Any, torch_powersgd: bool = True, bucket_cap_mb: flo
     # BatchNorm running statistics are only used in evaluation; syncing them every forward would add traffic
     # outside the gradient hook that no contender can compress (they are still synced once, at init)
     ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, forward_sync_buffers=False)
+    if name == "ideal_sync":
+        ddp.register_comm_hook(None, skip_exchange_hook)
+        return Contender(name, ddp, fixed_mode="local")
     if name == "ddp":
         return Contender(name, ddp)
     if name == "fp16":
@@ -141,6 +151,15 @@ def build(name: str, model: Any, torch_powersgd: bool = True, bucket_cap_mb: flo
     state = hook_state(name)
     ddp.register_comm_hook(state, netsense_hook)
     return Contender(name, ddp, state=state, standin=name == "powersgd")
+
+
+def skip_exchange_hook(state, bucket):  # unannotated: DDP checks real annotations, and this module's are strings
+    """A DDP communication hook that exchanges nothing: the bucket's local gradient, at once (``ideal_sync``)."""
+    import torch
+
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
 
 
 def hook_state(name: str) -> Any:

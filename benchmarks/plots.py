@@ -19,7 +19,7 @@ from typing import Any
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 
-from contenders import CONTENDERS, LABELS
+from contenders import CONTENDERS, LABELS, REFERENCES
 
 __all__ = ["make_all", "rate_steps"]
 
@@ -86,7 +86,7 @@ def _bandwidth_mode(plt: Any, results: dict[str, Any], workload: str, out: str, 
 
 
 def _accuracy(plt: Any, results: dict[str, Any], workload: str, out: str, suffix: str = "") -> str | None:
-    runs = [r for r in results["runs"] if r["workload"] == workload and r["contender"] != "ideal"]
+    runs = [r for r in results["runs"] if r["workload"] == workload and r["contender"] not in REFERENCES]
     traces = [t for t in _TRACE_ORDER if any(r["trace"] == t for r in runs)]
     if not traces or not any(results["series"].get(f"{workload}/{t}/{r['contender']}", {}).get("evals")
                              for t in traces for r in runs):
@@ -132,8 +132,7 @@ def _throughput(plt: Any, results: dict[str, Any], workload: str, out: str, suff
     traces = [t for t in _TRACE_ORDER if any(r["trace"] == t for r in runs)]
     if not traces:
         return None
-    contenders = [c for c in CONTENDERS if c != "ideal" and any(r["contender"] == c for r in runs)]
-    ideal = next((r for r in runs if r["contender"] == "ideal"), None)
+    contenders = [c for c in CONTENDERS if c not in REFERENCES and any(r["contender"] == c for r in runs)]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / max(1, len(contenders))
     for i, c in enumerate(contenders):
@@ -141,8 +140,10 @@ def _throughput(plt: Any, results: dict[str, Any], workload: str, out: str, suff
                 for t in traces]
         label = next((_label(r) for r in runs if r["contender"] == c), c)
         ax.bar([k + (i - (len(contenders) - 1) / 2) * width for k in range(len(traces))], vals, width, label=label)
-    if ideal:
-        ax.axhline(ideal["samples_per_s"], color="black", ls=":", lw=1.2, label=LABELS["ideal"])
+    for ref, style in zip(REFERENCES, (":", "--")):
+        run = next((r for r in runs if r["contender"] == ref), None)
+        if run:
+            ax.axhline(run["samples_per_s"], color="black", ls=style, lw=1.2, label=LABELS[ref])
     ax.set_xticks(range(len(traces)), traces)
     ax.set_ylabel("samples/s (both ranks)")
     ax.set_yscale("log")

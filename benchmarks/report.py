@@ -21,7 +21,11 @@ Definitions (also in ``benchmarks/README.md``):
 * **ideal TTA**: the ideal exchanges nothing, so its own model is not the one DDP trains. Averaging gradients
   does not depend on the link, so plain DDP's *maths* are the same on every trace: the ideal's TTA is its own
   training clock at the step at which plain DDP (any trace of this run) first reached the target; ``None``
-  (and no TTA ratio to the ideal) when plain DDP never got there.
+  (and no TTA ratio to it) when plain DDP never got there. The synced ideal (DDP with the exchange skipped)
+  gets its TTA the same way.
+* **synced ideal**: the limit of synchronous data parallelism with free communication. Ratios to it
+  (``throughput_vs_ideal_sync``) separate what communication and compression cost from what synchronising costs
+  at all; its own ``throughput_vs_ideal`` says how much the latter is.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ __all__ = [
 
 SCHEMA_VERSION = 2
 STATIC_COMPRESSORS = ("fp16", "powersgd", "topk")
+#: the references, unshaped and without any exchange: the ideal (no DDP) and the synced ideal (DDP, exchange skipped)
+REFERENCES = ("ideal", "ideal_sync")
 #: steps left out of samples/s: step 1 (DDP rebuilds its buckets; the hook runs plain allreduce and calibrates
 #: its codecs), step 2 (the hook's warm-up step) and step 3 (the first step the policy decided)
 WARMUP_STEPS = 3
@@ -172,29 +178,38 @@ def ideal_tta(ideal: Mapping[str, Any] | None, ddp_runs: Sequence[Mapping[str, A
     return ideal["steps"][step - 1]["train_s"], f"plain DDP reached the target at step {step}"
 
 
-def compare(runs: list[dict[str, Any]], ideal_results: Mapping[str, Mapping[str, Any]]) -> None:
-    """Add ``ratios`` to every summary in ``runs`` (in place): to plain DDP, the best static compressor, the ideal.
+def compare(runs: list[dict[str, Any]], ideal_results: Mapping[str, Mapping[str, Any]],
+            sync_results: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Add ``ratios`` to every summary in ``runs`` (in place): to plain DDP, the best static compressor, the ideal
+    and the synced ideal.
 
     Runs are grouped by (workload, trace). For each group the best static compressor is the fastest of
     ``fp16``/``powersgd``/``topk`` to the target (TTA) or the one with most samples/s (throughput).
+    ``ideal_results`` and ``sync_results`` hold, per workload, the references' rank-0 results (their ``steps``).
     """
     ideals = {r["workload"]: r for r in runs if r["contender"] == "ideal"}
-    for wl, ideal in ideals.items():
-        if ideal.get("final_acc") is None and ideal.get("tta_s") is None:
-            continue  # a throughput workload: nothing was evaluated
-        # its own model (no averaging) is not the training compared: never use its own evaluations
-        ddp_runs = [r for r in runs if r["workload"] == wl and r["contender"] == "ddp"]
-        ideal["tta_s"], ideal["tta_note"] = ideal_tta(ideal_results.get(wl), ddp_runs)
-        reached = [r["tta_step"] for r in ddp_runs if r.get("tta_step") is not None]
-        ideal["tta_step"] = min(reached) if reached and ideal["tta_s"] is not None else None
-        ideal["final_acc"] = None  # a model trained without averaging: not the training being compared
+    syncs = {r["workload"]: r for r in runs if r["contender"] == "ideal_sync"}
+    for refs, results in ((ideals, ideal_results), (syncs, sync_results or {})):
+        for wl, ref in refs.items():
+            if ref.get("final_acc") is None and ref.get("tta_s") is None:
+                continue  # a throughput workload: nothing was evaluated
+            # its own model (no averaging) is not the training compared: never use its own evaluations
+            ddp_runs = [r for r in runs if r["workload"] == wl and r["contender"] == "ddp"]
+            ref["tta_s"], ref["tta_note"] = ideal_tta(results.get(wl), ddp_runs)
+            reached = [r["tta_step"] for r in ddp_runs if r.get("tta_step") is not None]
+            ref["tta_step"] = min(reached) if reached and ref["tta_s"] is not None else None
+            ref["final_acc"] = None  # a model trained without averaging: not the training being compared
+    for wl, sync in syncs.items():
+        ideal = ideals.get(wl)
+        sync["ratios"] = {"throughput_vs_ideal": _ratio(sync["samples_per_s"], ideal and ideal["samples_per_s"])}
     groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in runs:
-        if r["contender"] != "ideal":
+        if r["contender"] not in REFERENCES:
             groups.setdefault((r["workload"], r["trace"]), {})[r["contender"]] = r
     for (wl, _), group in groups.items():
         ddp = group.get("ddp")
         ideal = ideals.get(wl)
+        sync = syncs.get(wl)
         statics = [group[c] for c in STATIC_COMPRESSORS if c in group]
         best_tta = best_static(statics) if wl_has_tta(group) else None
         with_sps = [s for s in statics if s["samples_per_s"] is not None]
@@ -204,6 +219,7 @@ def compare(runs: list[dict[str, Any]], ideal_results: Mapping[str, Mapping[str,
                 "throughput_vs_ddp": _ratio(r["samples_per_s"], ddp and ddp["samples_per_s"]),
                 "throughput_vs_best_static": _ratio(r["samples_per_s"], best_sps and best_sps["samples_per_s"]),
                 "throughput_vs_ideal": _ratio(r["samples_per_s"], ideal and ideal["samples_per_s"]),
+                "throughput_vs_ideal_sync": _ratio(r["samples_per_s"], sync and sync["samples_per_s"]),
                 "tta_speedup_vs_ddp": tta_speedup(ddp, r),
                 "tta_speedup_vs_best_static": tta_speedup(best_tta, r),
                 # the ideal's TTA is derived from plain DDP's: with none, there is no ratio (its whole run bounds
@@ -309,6 +325,7 @@ def evaluate_targets(runs: Sequence[Mapping[str, Any]], ddp_evals: Mapping[str, 
                                     f"{', '.join(map(str, common))} ({where} trace): "
                                     f"{100 * mine:.2f} vs {100 * ref:.2f}"})
 
+    sync = _find(runs, tput_workload, None, "ideal_sync")
     for name, trace, key, threshold in (
         ("100 Mbit/s: throughput vs ideal", "100m", "throughput_vs_ideal", 0.85),
         ("1 Gbit/s: throughput vs plain DDP", "1g", "throughput_vs_ddp", 0.97),
@@ -318,10 +335,22 @@ def evaluate_targets(runs: Sequence[Mapping[str, Any]], ddp_evals: Mapping[str, 
         full = f"{name} ({tput_workload})"
         if v is None:
             out.append({"name": full, "threshold": threshold, "value": None, "status": "N/A", "note": "not run"})
-        else:
-            out.append({"name": full, "threshold": threshold, "value": v,
-                        "status": "PASS" if v >= threshold else "MISS", "note": ""})
+            continue
+        note = ""
+        vs_sync = r["ratios"].get("throughput_vs_ideal_sync")
+        if key == "throughput_vs_ideal" and vs_sync is not None:
+            # the part of the gap that synchronising costs any DDP contender, whatever it sends
+            note = (f"{vs_sync:.2f}x the synced ideal (DDP with the exchange skipped), which ran at "
+                    f"{_sync_vs_ideal(sync):.2f}x the ideal")
+        out.append({"name": full, "threshold": threshold, "value": v,
+                    "status": "PASS" if v >= threshold else "MISS", "note": note})
     return out
+
+
+def _sync_vs_ideal(sync: Mapping[str, Any] | None) -> float:
+    """The synced ideal's throughput relative to the ideal (nan when either is missing)."""
+    v = sync and sync.get("ratios", {}).get("throughput_vs_ideal")
+    return math.nan if v is None else v
 
 
 def _mean_at(evals: Sequence[Mapping[str, Any]], steps: Sequence[int]) -> float | None:

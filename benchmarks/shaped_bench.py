@@ -34,7 +34,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 
 import report
-from contenders import CONTENDERS, LABELS, run_pilot
+from contenders import CONTENDERS, LABELS, REFERENCES, run_pilot
 
 #: rates of the static traces, Mbit/s
 STATIC = {"1g": 1000.0, "100m": 100.0, "20m": 20.0}
@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # DDP's maths do not depend on the link; on the dynamic trace it stops at a few dozen steps)
         "digits": {"traces": ["dynamic"], "contenders": list(CONTENDERS), "extra": [["1g", "ddp"]], "steps": 200,
                    "cap_s": 30.0, "cap_s_dynamic": 40.0, "eval_every": 5, "eval_every_s": 1.0},
-        "cnn": {"traces": ["100m", "1g"], "contenders": ["ideal", "netsense"], "extra": [["1g", "ddp"]],
+        "cnn": {"traces": ["100m", "1g"], "contenders": ["ideal", "ideal_sync", "netsense"], "extra": [["1g", "ddp"]],
                 "steps": CNN_STEPS, "cap_s": 60.0, "eval_every": 0},
     },
 }
@@ -260,29 +260,27 @@ def _job(workload: str, contender: str, trace: str | None, cfg: dict[str, Any], 
 
 
 def job_plan(cfg: dict[str, Any]) -> list[tuple[str, str | None]]:
-    """``(contender, trace)`` of every job of a workload's preset: the ideal (unshaped, trace ``None``), then
-    trace by trace every other contender, then the ``extra`` jobs not already planned, then the ideal again.
+    """``(contender, trace)`` of every job of a workload's preset: the references (the ideal, then the synced
+    ideal; unshaped, trace ``None``), then trace by trace every other contender, then the ``extra`` jobs not
+    already planned, then the references again in reverse order.
 
-    The ideal runs first and last, and the faster run counts (:func:`merge_ideal`): it is the compute-bound
-    limit, and one run of it on this shared 2-core machine moved between 121 and 209 samples/s for the CNN, below
+    The references run first and last, and the faster run counts (:func:`merge_ideal`): they are limits, and one
+    run of the ideal on this shared 2-core machine moved between 121 and 209 samples/s for the CNN, below
     contenders that communicate. The better of two runs, one on each side of the others, is the stricter bound.
     """
-    plan: list[tuple[str, str | None]] = []
-    ideal = "ideal" in cfg["contenders"]
-    if ideal:
-        plan.append(("ideal", None))
-    plan += [(c, tr) for tr in cfg["traces"] for c in cfg["contenders"] if c != "ideal"]
+    refs = [c for c in REFERENCES if c in cfg["contenders"]]
+    plan: list[tuple[str, str | None]] = [(c, None) for c in refs]
+    plan += [(c, tr) for tr in cfg["traces"] for c in cfg["contenders"] if c not in REFERENCES]
     for tr, c in cfg.get("extra", []):
         if (c, tr) not in plan:
             plan.append((c, tr))
-    if ideal:
-        plan.append(("ideal", None))
+    plan += [(c, None) for c in reversed(refs)]
     return plan
 
 
 def merge_ideal(kept: dict[str, Any] | None, summary: dict[str, Any]) -> bool:
-    """Fold a repeated run of the ideal into the one ``kept`` so far (in place); True if ``summary`` is faster
-    and replaces it. Every run's samples/s is listed in ``repeats_samples_per_s``."""
+    """Fold a repeated run of a reference (the ideal, the synced ideal) into the one ``kept`` so far (in place);
+    True if ``summary`` is faster and replaces it. Every run's samples/s is listed in ``repeats_samples_per_s``."""
     if kept is None:
         summary["repeats_samples_per_s"] = [summary["samples_per_s"]]
         return True
@@ -378,8 +376,8 @@ def run_all(args: argparse.Namespace, preset: dict[str, dict[str, Any]], console
                     summary["ranks_agree"] = [e["acc"] for e in r0["evals"]] == [e["acc"] for e in r1["evals"]]
                     series = {"steps": r0["steps"], "evals": r0["evals"], "trace_log": out["trace_log"],
                               "t_go": r0["t_go"]}
-                    if contender == "ideal":
-                        kept = next((r for r in runs if r["workload"] == wl and r["contender"] == "ideal"), None)
+                    if contender in REFERENCES:
+                        kept = next((r for r in runs if r["workload"] == wl and r["contender"] == contender), None)
                         if merge_ideal(kept, summary):
                             raw[f"{wl}/{trace}/{contender}"] = series
                         if kept is None:
@@ -387,12 +385,12 @@ def run_all(args: argparse.Namespace, preset: dict[str, dict[str, Any]], console
                     else:
                         runs.append(summary)
                         raw[f"{wl}/{trace}/{contender}"] = series
-                    if contender != "ideal" and not summary["ranks_agree"]:
+                    if contender not in REFERENCES and not summary["ranks_agree"]:
                         console.print("[yellow]  the two ranks evaluated different accuracies: their models differ[/]")
                     label = LABELS["powersgd_standin"] if summary["standin"] else LABELS[contender]
                     acc = summary["final_acc"]
-                    # the ideal's own model is never averaged: its TTA is derived from plain DDP's at the end
-                    own = contender == "ideal" and acc is not None
+                    # a reference's own model is never averaged: its TTA is derived from plain DDP's at the end
+                    own = contender in REFERENCES and acc is not None
                     tta = "derived later" if own else report.fmt(summary["tta_s"], ".1f", " s")
                     console.print(
                         f"  {wl:6} {trace or '-':10} {label:28} {summary['steps']:4d} steps {summary['train_s']:6.1f} s"
@@ -406,7 +404,8 @@ def run_all(args: argparse.Namespace, preset: dict[str, dict[str, Any]], console
     finally:
         shutil.rmtree(control, ignore_errors=True)
     ideal_results = {k.split("/")[0]: {"steps": v["steps"]} for k, v in raw.items() if k.endswith("/ideal")}
-    report.compare(runs, ideal_results)
+    sync_results = {k.split("/")[0]: {"steps": v["steps"]} for k, v in raw.items() if k.endswith("/ideal_sync")}
+    report.compare(runs, ideal_results, sync_results)
     report.add_pairwise(runs)
     ddp_evals = {k.split("/")[1]: v["evals"] for k, v in raw.items() if k.startswith("digits/") and k.endswith("/ddp")}
     targets = report.evaluate_targets(runs, ddp_evals, raw.get("digits/dynamic/netsense", {}).get("evals"))
@@ -443,8 +442,8 @@ def slim(results: dict[str, Any], all_steps: bool = False) -> dict[str, Any]:
     """The results to commit: per-step series only where a plot needs them, numbers to 4 significant digits.
 
     Kept: every run's evaluations; per-step mode and estimate of the adaptive contenders (NetSensePolicy,
-    AIMDPolicy; every contender with ``all_steps``) with the trace as applied; the ideal's clock per step (its TTA
-    and accuracy line). The input is not modified.
+    AIMDPolicy; every contender with ``all_steps``) with the trace as applied; the references' clock per step
+    (their TTA; the ideal's accuracy line). The input is not modified.
     """
     out = dict(results)
     series = {}
@@ -452,12 +451,12 @@ def slim(results: dict[str, Any], all_steps: bool = False) -> dict[str, Any]:
     for key, data in results["series"].items():
         contender = key.split("/")[2]
         kept: dict[str, Any] = {"evals": [{k: e[k] for k in ("step", "train_s", "acc")} for e in data["evals"]]}
-        if contender in ("netsense", "aimd") or (all_steps and contender != "ideal"):
+        if contender in ("netsense", "aimd") or (all_steps and contender not in REFERENCES):
             kept["steps"] = [{k: st.get(k) for k in _STEP_KEYS if k != "wall"} for st in data["steps"]]
             # wall-clock times need more digits than the rest
             walls[key] = (round(data["t_go"], 3), [[round(w, 3), kind, v] for w, kind, v in data["trace_log"]],
                           [round(st["wall"], 3) for st in data["steps"]])
-        elif contender == "ideal":
+        elif contender in REFERENCES:
             kept["steps"] = [{"step": st["step"], "train_s": st["train_s"]} for st in data["steps"]]
         series[key] = kept
     out["series"] = series
@@ -477,7 +476,7 @@ def print_tables(results: dict[str, Any], console: Any) -> None:
     runs = results["runs"]
     for wl in sorted({r["workload"] for r in runs}):
         table = Table(title=f"{wl}: {'time to accuracy' if wl == 'digits' else 'throughput'} across a shaped link")
-        cols = ["trace", "contender", "steps", "samples/s", "vs DDP", "vs ideal"]
+        cols = ["trace", "contender", "steps", "samples/s", "vs DDP", "vs ideal", "vs synced"]
         if wl == "digits":
             cols += ["TTA s", "TTA vs DDP", "vs best static", "final acc %"]
         cols += ["MB sent", "modes"]
@@ -491,10 +490,11 @@ def print_tables(results: dict[str, Any], console: Any) -> None:
             label = LABELS["powersgd_standin"] if r["standin"] else LABELS[r["contender"]]
             row = [r["trace"] or "unshaped", label, f"{r['steps']}{'*' if r['stop'] == 'cap' else ''}",
                    report.fmt(r["samples_per_s"], ".0f"), report.fmt(ratios.get("throughput_vs_ddp"), ".2f", "×"),
-                   report.fmt(ratios.get("throughput_vs_ideal"), ".2f", "×")]
+                   report.fmt(ratios.get("throughput_vs_ideal"), ".2f", "×"),
+                   report.fmt(ratios.get("throughput_vs_ideal_sync"), ".2f", "×")]
             if wl == "digits":
                 acc = r["final_acc"]
-                reached = r["tta_s"] is not None or r["contender"] == "ideal"
+                reached = r["tta_s"] is not None or r["contender"] in REFERENCES
                 tta = report.fmt(r["tta_s"], ".1f") if reached else "not reached"
                 row += [tta, report.fmt_speedup(ratios.get("tta_speedup_vs_ddp")),
                         report.fmt_speedup(ratios.get("tta_speedup_vs_best_static")),
@@ -504,8 +504,8 @@ def print_tables(results: dict[str, Any], console: Any) -> None:
             table.add_row(*row)
         console.print(table)
     console.print("* stopped by the time cap before the step budget. TTA: training seconds to the target accuracy; "
-                  "≥: a lower bound (the baseline never reached the target). ideal TTA: its clock at plain DDP's "
-                  "step to the target.")
+                  "≥: a lower bound (the baseline never reached the target). The ideals' TTA: their clock at plain "
+                  "DDP's step to the target.")
     for wl, p in results.get("pilot_torch_powersgd", {}).items():
         if not p.get("ok"):
             console.print(f"[yellow]torch PowerSGD cannot run on gloo with several buckets ({wl}: "

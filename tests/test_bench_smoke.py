@@ -230,6 +230,45 @@ def test_throughput_runs_have_no_time_to_accuracy_figures():
     assert t["100 Mbit/s: throughput vs ideal (cnn)"]["status"] == "N/A"  # no 100m run
 
 
+def test_the_synced_ideal_splits_the_gap_to_the_ideal():
+    """DDP with the exchange skipped is a reference like the ideal: no group of its own, its ratio to the ideal
+    says what synchronising costs, and every contender gets a ratio to it (the 100 Mbit/s target's note)."""
+    runs, results = [], {}
+    for c, step_s, trace in (("ideal", 0.3, None), ("ideal_sync", 0.4, None), ("ddp", 0.8, "100m"),
+                             ("netsense", 0.5, "100m")):
+        results[c] = _result(c, step_s, [], trace=trace, workload="cnn", n=43, eval_every=10**9)
+        s = report.summarise_run(results[c], target=None)
+        s["trace"] = trace
+        runs.append(s)
+    report.compare(runs, {"cnn": results["ideal"]}, {"cnn": results["ideal_sync"]})
+    rows = {r["contender"]: r for r in runs}
+    assert rows["ideal_sync"]["ratios"] == {"throughput_vs_ideal": pytest.approx(0.3 / 0.4)}
+    ns = rows["netsense"]["ratios"]
+    assert ns["throughput_vs_ideal"] == pytest.approx(0.3 / 0.5)
+    assert ns["throughput_vs_ideal_sync"] == pytest.approx(0.4 / 0.5)
+    assert ns["best_static_throughput"] is None  # the references are not static compressors
+    t = {t["name"]: t for t in report.evaluate_targets(runs, {})}["100 Mbit/s: throughput vs ideal (cnn)"]
+    assert t["status"] == "MISS" and t["value"] == pytest.approx(0.6)
+    assert "0.80x the synced ideal" in t["note"] and "0.75x the ideal" in t["note"]
+
+
+def test_skip_exchange_hook_returns_the_local_gradient_at_once():
+    pytest.importorskip("lightning_netsense")
+    import torch
+    from contenders import skip_exchange_hook
+
+    class _Bucket:  # what the hook reads of DDP's GradBucket
+        def __init__(self) -> None:
+            self.tensor = torch.arange(4.0)
+
+        def buffer(self) -> torch.Tensor:
+            return self.tensor
+
+    bucket = _Bucket()
+    fut = skip_exchange_hook(None, bucket)
+    assert fut.done() and fut.value() is bucket.tensor
+
+
 def test_presets_measure_what_the_targets_need():
     for name, preset in PRESETS.items():
         digits, cnn = preset["digits"], preset["cnn"]
@@ -246,9 +285,15 @@ def test_presets_measure_what_the_targets_need():
     assert DYNAMIC_CYCLE[0][0] == 20.0 and {r for r, _ in DYNAMIC_CYCLE} == {20.0, 100.0, 1000.0}
     extra = dict(PRESETS["quick"]["digits"], traces=["dynamic"], contenders=["ddp"])
     assert job_plan(extra) == [("ddp", "dynamic"), ("ddp", "1g")]
-    # the ideal runs first and last (the faster run counts: one run of it moved from 121 to 209 samples/s)
+    # the references run first and last (the faster run counts: one run of the ideal moved from 121 to 209
+    # samples/s), the ideal outermost
     both = dict(extra, contenders=["ideal", "ddp"])
     assert job_plan(both) == [("ideal", None), ("ddp", "dynamic"), ("ddp", "1g"), ("ideal", None)]
+    refs = dict(extra, contenders=["ideal_sync", "ddp", "ideal"])
+    assert job_plan(refs) == [("ideal", None), ("ideal_sync", None), ("ddp", "dynamic"), ("ddp", "1g"),
+                              ("ideal_sync", None), ("ideal", None)]
+    for preset in PRESETS.values():  # both presets measure what synchronising alone costs on the CNN
+        assert ("ideal_sync", None) in job_plan(preset["cnn"])
 
 
 def test_the_faster_run_of_the_ideal_counts_and_both_are_listed():
