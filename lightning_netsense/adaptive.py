@@ -11,7 +11,7 @@ from lightning_netsense.codecs import CODECS
 from lightning_netsense.observation import MODE_CODES, CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
 from lightning_netsense.policy import Policy
 
-__all__ = ["PRIOR_REL_ERROR", "NetSensePolicy", "powersgd_prior", "predicted_comm_time"]
+__all__ = ["PRIOR_REL_ERROR", "NetSensePolicy", "powersgd_prior", "predicted_comm_time", "predicted_wire_time"]
 
 #: Relative error ``||g - g_hat|| / ||g||`` assumed for a mode until it has been measured, and by default the least
 #: error it is credited with once measured (``NetSensePolicy(prior_floor=True)``); it orders the modes by
@@ -22,9 +22,10 @@ __all__ = ["PRIOR_REL_ERROR", "NetSensePolicy", "powersgd_prior", "predicted_com
 #: (0.4-0.87 and 0.6-0.91 on the digits MLP; 0.95-1.0 and 0.72-0.9 on the ResNet-18-sized CNN). Unknown modes
 #: count as 1.0 (the most lossy). 0.5 and then 0.7 for PowerSGD made it a choice at 1 Gbit/s on the digits MLP,
 #: where fp16 is 1.5-2.3x faster to 95 %.
-#: modes a first step may run before the link is measured: their payloads (a quarter or half of a dense bucket)
-#: are large enough for the estimator to take as a measurement of the link (``LinkEstimator.vouch_fraction``)
-_FIRST_MODES = ("int8", "fp16", "bf16")
+#: ``first_mode="auto"``, in order of preference among the modes the first step may run: PowerSGD (a few
+#: kilobytes; the link is then measured by probes), else a codec whose payloads (a quarter or half of a dense
+#: bucket) are large enough for the estimator to take as a measurement of the link (``vouch_fraction``)
+_FIRST_PREFERENCE = ("powersgd", "int8", "fp16", "bf16")
 
 PRIOR_REL_ERROR: Mapping[str, float] = MappingProxyType(
     {"none": 0.0, "fp16": 3e-4, "bf16": 2.5e-3, "int8": 1e-2, "powersgd": 0.8, "topk": 0.9}
@@ -50,8 +51,13 @@ def predicted_comm_time(profile: CodecProfile, link: LinkEstimate, world_size: i
     ``2 (N-1)/N * payload`` for a summable payload (allreduce) and ``(N-1) * payload`` otherwise (allgather):
     at large ``N`` an allgathered payload costs ``N/2`` times more than the same payload allreduced.
     """
-    link_time = sum(link.time(wire_bytes(p, world_size, profile.summable)) for p in profile.payload_bytes)
-    return link_time + profile.seconds_per_byte * dense_bytes
+    return predicted_wire_time(profile, link, world_size) + profile.seconds_per_byte * dense_bytes
+
+
+def predicted_wire_time(profile: CodecProfile, link: LinkEstimate, world_size: int) -> float:
+    """Seconds one step's collectives take on the link in ``profile``'s mode: ``sum over buckets of (alpha +
+    wire_bytes / B)`` (the part of :func:`predicted_comm_time` that can run under the backward pass)."""
+    return sum(link.time(wire_bytes(p, world_size, profile.summable)) for p in profile.payload_bytes)
 
 
 def _is_number(x: Any) -> bool:
@@ -67,16 +73,19 @@ class NetSensePolicy(Policy):
 
     Each step, with the agreed link estimate ``t(bytes) = alpha + bytes / B``:
 
-    1. price every candidate mode: ``comm(m) = sum_b (alpha + wire_b(m) / B) + c(m) * dense`` (see
-       :func:`predicted_comm_time`; ``c(m)`` is the codec's measured compute seconds per dense byte);
+    1. price every candidate mode: ``comm(m) = wire(m) + c(m) * dense`` with ``wire(m) = sum_b (alpha +
+       wire_b(m) / B)`` (see :func:`predicted_comm_time`; ``c(m)`` is the codec's measured compute seconds per
+       dense byte);
     2. ``budget = slack * overlap_time``: the backward compute left after the first bucket is ready, which is
        what the collectives can run under;
     3. among modes within the error budget (``rel_error(m) <= max_rel_error``; measured error where known, else
        :data:`PRIOR_REL_ERROR`), ordered from least to most lossy by that same error, take the first with
        ``comm(m) <= budget``;
     4. if none fits, predict each mode's time per unit of training progress,
-       ``(base + max(0, comm(m) - budget)) / max(1 - rel_error(m)^2, efficiency_floor)`` (``base`` = the step
-       without its exposed communication), and take the least lossy mode within ``tolerance`` of the best,
+       ``(base + c(m) * dense + max(0, wire(m) - budget)) / max(1 - rel_error(m)^2, efficiency_floor)``
+       (``base`` = the step without its exposed communication; only the transfer hides under the backward pass,
+       the codec's compute runs on the same core or stream as it), and take the least lossy mode within
+       ``tolerance`` of the best,
        among the modes whose predicted step is at most ``max_slowdown`` times the fastest one's.
 
     Hysteresis: a *more* compressing mode is adopted once ``confirm`` observations in a row ask for it; a *less*
@@ -87,13 +96,18 @@ class NetSensePolicy(Policy):
     burst) costs one or two slow steps per probe, and is probed ever more rarely. One slow step alone never
     reverts a relaxation: on a loaded machine a scheduler stall looks the same as a slow link.
 
-    A DDP wrapper's first step runs ``first_mode`` (int8 by default: a quarter of the bytes, and enough of them to
-    measure the link with); further warm-up steps (``NetSenseState(warmup_steps=...)``, none by default) run the
-    rules' choice among the codecs without per-bucket state (see :meth:`warmup_decision`). The decisions after
-    the warm-up start from plain DDP, with the hysteresis above: a first step at 1 Gbit/s, slowed by TCP's slow
-    start, measured 166 Mbit/s on the shaped-link test, and that alone must not make the run compress. Without a
-    measurement (``link.samples == 0``) :meth:`decide` chooses ``"none"``; an infinite bandwidth prices every mode
-    at its latency alone, which makes ``"none"`` the choice as well.
+    A DDP wrapper's first step runs ``first_mode`` (PowerSGD by default where the state probes the link, else
+    int8: a quarter of the bytes, enough of them to measure the link with); further warm-up steps
+    (``NetSenseState(warmup_steps=...)``, none by default) run the rules' choice among the codecs without
+    per-bucket state (see :meth:`warmup_decision`). The decisions after the warm-up start from plain DDP, with
+    the hysteresis above: a first step at 1 Gbit/s, slowed by TCP's slow start, measured 166 Mbit/s on the
+    shaped-link test, and that alone must not make the run compress. Until the link is vouched for
+    (:attr:`LinkEstimate.vouched`: payloads or probes of at least a quarter of a dense bucket have been timed),
+    the compressed mode that ran is held: an estimate that rests on a compressed first step's kilobytes reads a
+    shaper's burst as a fast link, or a few milliseconds' stall as a slow one. The first estimate that vouches
+    is decided on at once, without hysteresis (the held mode was no choice of the rules). Without a measurement
+    (``link.samples == 0``) :meth:`decide` chooses ``"none"``; an infinite bandwidth prices every mode at its
+    latency alone, which makes ``"none"`` the choice as well.
 
     Args:
         modes: candidate modes; must contain ``"none"``.
@@ -134,10 +148,13 @@ class NetSensePolicy(Policy):
             measured 0.6-0.91 and needed 135 (``e = 0.88``). Trusted as measured, PowerSGD's errors made it the
             choice at 1 Gbit/s in 21-89 % of the steps of four runs, 4.0-4.1 s to 95 % where fp16 takes 2.2-2.7 s.
             ``False`` trusts measured errors below the prior (within ``error_ttl``, and unless measured cold).
-        first_mode: mode of a wrapper's first step, before the link is measured: ``"none"``, or one of
-            ``"int8"``, ``"fp16"``, ``"bf16"`` from ``modes`` (payloads large enough to measure the link with),
-            or ``"auto"``: the first of int8, fp16, bf16 in ``modes``, else ``"none"``. Measured at 20 Mbit/s on
-            the digits MLP: a plain first step took 4.5 s of NetSense's 10 s to 95 %; int8 sends a quarter.
+        first_mode: mode of a wrapper's first step, before the link is measured: ``"none"``, a mode of
+            ``modes``, or ``"auto"``: the first of PowerSGD, int8, fp16, bf16 in ``modes`` that the state lets
+            run first (PowerSGD only where it probes the link: its payloads cannot measure it), else ``"none"``.
+            Measured at 20 Mbit/s on the digits MLP: a plain first step took 4.5 s of NetSense's 10 s to 95 %,
+            an int8 one 1.4-1.6 s (its allgather's two directions slowed each other), a PowerSGD one 0.05 s plus
+            0.5 s of probes at the next three boundaries; 95 % was reached at steps 50/55/70 (seeds 0/1/2)
+            after a PowerSGD first step, 60/75/60 after an int8 one.
 
     Raises:
         ValueError: if an argument is out of range, naming it.
@@ -207,13 +224,9 @@ class NetSensePolicy(Policy):
             raise ValueError(f"Expected `prior_floor` to be a bool, but got {prior_floor!r}")
         if not _is_int(error_ttl) or error_ttl < 0:
             raise ValueError(f"Expected `error_ttl` to be an integer >= 0, but got {error_ttl!r}")
-        firsts = [m for m in _FIRST_MODES if m in modes]
-        if first_mode == "auto":
-            first_mode = firsts[0] if firsts else "none"
-        elif first_mode != "none" and first_mode not in firsts:
+        if first_mode not in ("auto", "none") and first_mode not in modes:
             raise ValueError(
-                f"Expected `first_mode` to be 'auto', 'none' or one of {firsts} (the modes among {list(_FIRST_MODES)} "
-                f"in `modes`), but got {first_mode!r}"
+                f"Expected `first_mode` to be 'auto', 'none' or one of `modes` {list(modes)}, but got {first_mode!r}"
             )
         priors = {**PRIOR_REL_ERROR, "powersgd": powersgd_prior(powersgd_rank)}
         for mode, err in (prior_errors or {}).items():
@@ -253,6 +266,8 @@ class NetSensePolicy(Policy):
         self._relaxed_from: str | None = None
         # consecutive observations asking for more compression than the current mode
         self._escalate = 0
+        # the last decision held a compressed mode because nothing had vouched for the link yet
+        self._held = False
 
     def _options(self, mode: str) -> dict[str, float]:
         if mode == "topk":
@@ -311,7 +326,7 @@ class NetSensePolicy(Policy):
             if self.rel_error(profiles[m]) <= self.max_rel_error and (allowed is None or m in allowed or m == "none")
         ]
         dense = float(sum(obs.bucket_bytes))
-        comm = {m: predicted_comm_time(profiles[m], obs.link, obs.world_size, dense) for m in eligible}
+        wire = {m: predicted_wire_time(profiles[m], obs.link, obs.world_size) for m in eligible}
         shrink = 1.0 - self.margin if strict else 1.0
         budget = self.slack * max(obs.overlap_time, 0.0) * shrink
         base = max(obs.step_time - obs.exposed_comm_time, obs.backward_time, 0.0)
@@ -320,7 +335,11 @@ class NetSensePolicy(Policy):
         # Measured on the digits benchmark at 1 Gbit/s: top-k 1 % ran 1.3x faster per step than fp16 but took
         # 4.9x longer to reach 90 %; step time alone chose it. A mode whose communication hides under the
         # budget costs `base / efficiency`, so the least lossy mode that fits is still the choice when one does.
-        step = {m: base + max(0.0, comm[m] - budget) for m in eligible}
+        # Only the transfer hides under the backward pass: the codec's compute shares the core (CPU) or the
+        # stream (CUDA) with it. Priced as hideable, PowerSGD's 8 ms per digits step at 1 Gbit/s hid under the
+        # 6 ms budget and its steps were predicted at 30 ms where they took 38; NetSense ran it over int8 on
+        # 83-95 % of the steps (95 % at step 60, against 35-50 for int8).
+        step = {m: base + profiles[m].seconds_per_byte * dense + max(0.0, wire[m] - budget) for m in eligible}
         # Trust the progress model only so far: never pay more than `max_slowdown` times the fastest candidate's
         # step for a lower per-step error. 1 - e^2 matched the digits benchmark (top-k 1 %: 5.3x predicted, 4.9x
         # measured), but error feedback re-sends what a step left out, and on the ResNet-18-sized CNN at
@@ -347,6 +366,22 @@ class NetSensePolicy(Policy):
         profiles = self._profiles(observation)
         order = self._ordered(profiles)
         target = self.choose(observation)
+        ran = observation.decision.mode
+        if not observation.link.vouched and ran != "none" and ran in profiles:
+            # The estimate rests on payloads too small to measure the link, and probes are measuring it: hold
+            # the compressed mode that ran. A compressed first step's kilobytes pass a shaper's burst at line rate
+            # (relaxing on that costs a 4 s dense step at 20 Mbit/s), and a stall of a few milliseconds on them
+            # reads as a slow link (seen on loopback: top-k after a PowerSGD first step).
+            if self._mode != ran:
+                self._switch(ran)
+            self._held = True
+            return self._decisions[ran]
+        if self._held:
+            # the first estimate that could vouch for the link: decide on it as if nothing had run before (the
+            # held mode was no choice of the rules), without waiting `patience` steps to relax
+            self._held = False
+            self._switch(target)
+            return self._decisions[target]
         current = self._mode
         in_probation = self._probation > 0
         self._probation = max(0, self._probation - 1)
@@ -385,7 +420,11 @@ class NetSensePolicy(Policy):
         return self._decisions[self._mode]
 
     def first_decision(self, allowed: Sequence[Decision]) -> Decision:
-        """``first_mode``: nothing is measured yet, and this step's payloads are the first measurement."""
+        """``first_mode`` (``"auto"``: the first of PowerSGD, int8, fp16, bf16 among ``allowed``): nothing is
+        measured yet; this step's payloads, or the probes after it, are the first measurement."""
+        if self.first_mode == "auto":
+            preferred = [self._decisions[m] for m in _FIRST_PREFERENCE if m in self._decisions]
+            return next((d for d in preferred if d in allowed), self._decisions["none"])
         decision = self._decisions[self.first_mode]
         return decision if decision in allowed else self._decisions["none"]
 
@@ -430,6 +469,7 @@ class NetSensePolicy(Policy):
             "probation": self._probation,
             "escalate": self._escalate,
             "relaxed_from": self._relaxed_from,
+            "held": self._held,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -443,6 +483,7 @@ class NetSensePolicy(Policy):
         self._escalate = int(state.get("escalate", 0))
         relaxed_from = state.get("relaxed_from")
         self._relaxed_from = str(relaxed_from) if relaxed_from in self.modes else None
+        self._held = bool(state.get("held", False))
 
     def __repr__(self) -> str:
         return (

@@ -9,6 +9,7 @@ their measurements in one small ``all_gather`` and run the policy on the identic
 # No `from __future__ import annotations` here: DDP checks the hook's annotations at runtime
 # (`bucket: dist.GradBucket`, `-> torch.futures.Future[torch.Tensor]`) and rejects strings.
 
+import dataclasses
 import functools
 import logging
 import math
@@ -26,6 +27,7 @@ from lightning_netsense.observation import (
     CodecProfile,
     Decision,
     PACKED_SIZE,
+    LinkEstimate,
     LocalObservation,
     Observation,
     allgather_wire_bytes,
@@ -99,19 +101,21 @@ class NetSenseState:
             buckets after the first step, so per-bucket state (PowerSGD's factors, error feedback) is only
             meaningful from then on. The first step runs what
             :meth:`Policy.first_decision <lightning_netsense.Policy.first_decision>` picks before anything is
-            measured (its traffic measures the link; without error feedback, as its buckets are provisional);
-            any further warm-up steps run what
-            :meth:`Policy.warmup_decision <lightning_netsense.Policy.warmup_decision>` picks from the measurement.
-            Both choose among plain DDP and the codecs without per-bucket state (fp16, bf16, int8, top-k; not
-            PowerSGD). The default, 1, lets the policy choose any codec from the second step on: measured on the
-            digits MLP (Adam, seed 0), PowerSGD rank 16 from the second step reached 95 % at step 35, and at
-            step 50 after a second warm-up step in top-k (the only stateless codec cheap at 20 Mbit/s); rank 4
-            at step 65 and 75.
+            measured, without error feedback (its buckets are provisional; a codec's per-bucket state is rebuilt
+            with them): any candidate while bandwidth probes can measure the link at the next boundaries, else
+            plain DDP or a codec without per-bucket state (fp16, bf16, int8, top-k), whose traffic measures it.
+            Any further warm-up steps run what
+            :meth:`Policy.warmup_decision <lightning_netsense.Policy.warmup_decision>` picks from the
+            measurement, among plain DDP and the codecs without per-bucket state. The default, 1, lets the policy
+            choose any codec from the second step on: measured on the digits MLP (Adam, seed 0), PowerSGD rank 16
+            from the second step reached 95 % at step 35, and at step 50 after a second warm-up step in top-k
+            (the only stateless codec cheap at 20 Mbit/s); rank 4 at step 65 and 75.
         estimator: the link estimator (default: :class:`LinkEstimator` with its defaults).
         probe_every: while a lossy mode runs, probe the bandwidth at most every this many steps (0: never).
             Compressed payloads are too small to measure a link that has recovered (their time is latency,
             scheduler noise, or a shaper's burst), so the state sends one ``all_reduce`` of a probe buffer at
-            the step boundary. It is sized to take ``probe_fraction`` of the steps until the next probe at the
+            the step boundary. Until anything has vouched for the link (a compressed first step), a ladder of
+            probes runs at every boundary, 4x each, up to the vouching size. It is sized to take ``probe_fraction`` of the steps until the next probe at the
             believed bandwidth, and quadrupled at the next step while the link answers faster than believed (as
             TCP's slow start), up to the size that vouches for the link (``vouch_fraction`` of the largest
             bucket); after a chain of probes that took ``d`` seconds the next one waits until
@@ -262,7 +266,7 @@ class NetSenseState:
 
     def _first_decision(self) -> Decision:
         """The policy's choice for a wrapper's first step, checked against what may run there."""
-        allowed = self._stateless_candidates()
+        allowed = self._first_candidates()
         first = self._validated(self.policy.first_decision(allowed))
         if first.mode != "none" and first not in allowed:
             raise ValueError(
@@ -273,6 +277,18 @@ class NetSenseState:
 
     def _stateless_candidates(self) -> tuple[Decision, ...]:
         return tuple(d for d in (_PLAIN, *self.policy.candidates()) if not self.codecs[d.mode].bucket_state)
+
+    def _first_candidates(self) -> tuple[Decision, ...]:
+        """What may run in a wrapper's first step: every candidate while probes can measure the link.
+
+        A codec's per-bucket state (PowerSGD's factors) is rebuilt with DDP's buckets after the first step, and
+        that step keeps no error-feedback residual, so any codec may run. What the first step must leave is a
+        way to measure the link: payloads large enough to (fp16, bf16, int8), or bandwidth probes at the next
+        boundaries (see ``probe_every``). Without probes, the codecs with per-bucket state wait as before.
+        """
+        if self.probe_every and self.policy.uses_link_estimate:
+            return (_PLAIN, *self.policy.candidates())
+        return self._stateless_candidates()
 
     def begin_step(self) -> None:
         """Mark the start of a step, before its forward pass (the strategy calls this; optional).
@@ -301,12 +317,19 @@ class NetSenseState:
             return None
         self._record = _StepRecord()
         now = time.perf_counter()
+        overhead = 0.0
+        if not self._calibrated and self.step >= self._plain_until - 1:
+            # not done in the hook, under a long transfer (see netsense_hook): price the candidates here, after
+            # this step's collectives were timed
+            self.calibrate([self._layouts[i] for i in rec.index if i in self._layouts])
+            overhead = time.perf_counter() - now
         local = self._local_observation(rec, now)
         decision = self.decide_from(local, rec)
-        # A bandwidth probe is the hook's own overhead, paid at this boundary: the next step is timed without it.
-        # Counted in it, a probe inflated the step time that amortises it (the digits run at 20 Mbit/s spent 15 %
-        # of its time in probes against a 5 % budget), and the policy priced modes on steps that carried a probe.
-        self._last_boundary = now + self._bw_probe[1]
+        # The calibration and a bandwidth probe are the hook's own overheads, paid at this boundary: the next step
+        # is timed without them. Counted in it, a probe inflated the step time that amortises it (the digits run
+        # at 20 Mbit/s spent 15 % of its time in probes against a 5 % budget), and the policy priced modes on
+        # steps that carried a probe.
+        self._last_boundary = now + overhead + self._bw_probe[1]
         return decision
 
     def calibrate(self, layouts: list[BucketLayout]) -> dict[str, float]:
@@ -400,7 +423,7 @@ class NetSenseState:
             bytes_in_flight=agreed.bytes_in_flight,
             rel_error=agreed.rel_error,
             residual_norm=agreed.residual_norm,
-            link=self.estimator.compute(),
+            link=self._link(),
             codecs=self._profiles(layouts, agreed.mode_errors, agreed.mode_seconds_per_byte),
         )
         if self.step + 1 < self._plain_until:
@@ -419,9 +442,14 @@ class NetSenseState:
             decision = self._validated(self.policy.decide(observation))
         self._bw_probe = (0.0, 0.0)
         # whether the last probe (agreed values) answered faster than the link was believed to be; a probe of
-        # the vouching size ends a chain either way (the estimator has taken it: the belief is updated)
+        # the vouching size ends a chain either way (the estimator has taken it: the belief is updated). Until
+        # then, a link never vouched for is measured by a ladder of probes, one per boundary, 4x each (as a
+        # chain of fast answers): compressed payloads alone cannot measure it (see `_first_candidates`)
         below_cap = self._probe_bytes < self._probe_cap(observation)
-        fast = below_cap and probe_answered_fast(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
+        ladder = not observation.link.vouched
+        fast = below_cap and (
+            ladder or probe_answered_fast(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
+        )
         # ... or slower: then the next probe is of the vouching size, so that the drop replaces the last vouched
         # estimate (a small probe alone lowers it for a step, until the window's small payloads pass in a burst)
         slow = below_cap and probe_answered_slow(believed, agreed.bw_probe_wire_bytes, agreed.bw_probe_seconds)
@@ -462,6 +490,14 @@ class NetSenseState:
         self.step += 1
         self.decision = decision
         return decision
+
+    def _link(self) -> LinkEstimate:
+        """The estimate the policy sees. Without probes nothing but the training traffic can vouch for the link,
+        so the estimate is taken as it is (as it was before a policy could tell)."""
+        link = self.estimator.compute()
+        if not link.vouched and not (self.probe_every and self.policy.uses_link_estimate):
+            link = dataclasses.replace(link, vouched=True)
+        return link
 
     def _traffic_vouches(self, obs: Observation, decision: Decision) -> bool:
         """Whether the next step's own payloads are large enough to measure the link (then no probe is needed:
@@ -762,12 +798,19 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
         work = dist.all_reduce(payload, group=group, async_op=True)
     else:
         work = _all_gather(collected, payload, group=group, async_op=True)
-    if not state._calibrated and state.step >= state._plain_until - 1 and bucket.is_last():
+    if (
+        not state._calibrated
+        and state.step >= state._plain_until - 1
+        and bucket.is_last()
+        and nbytes >= state.estimator.vouch_fraction * layout.numel * 4
+    ):
         # Lossy modes may start next step: price every candidate on this step's layouts, so that an untried codec
-        # does not look free - while the step's last payload is in flight. Measured at 20 Mbit/s on the digits
-        # MLP: the calibration took 0.19 s, at the boundary it added that to the int8 first step's 1.7 s; its
-        # collective takes 1.4 s with the CPU idle. After one warm-up step the layouts are the first step's
-        # provisional buckets (DDP rebuilds them in the next forward): the same gradients grouped otherwise.
+        # does not look free - while the step's last payload is in flight, when it is large enough to take a
+        # while (else at the boundary: on the same core the calibration delays the collective's completion, and
+        # PowerSGD's first kilobytes then read as a 3 Mbit/s link). Measured at 20 Mbit/s on the digits MLP: the
+        # calibration took 0.19 s, at the boundary it added that to the int8 first step's 1.7 s; its collective
+        # takes 1.4 s with the CPU idle. After one warm-up step the layouts are the first step's provisional
+        # buckets (DDP rebuilds them in the next forward): the same gradients grouped otherwise.
         state.calibrate([state._layouts[i] for i in rec.index if i in state._layouts])
 
     def finish(fut: torch.futures.Future) -> Tensor:

@@ -98,6 +98,10 @@ class LinkEstimate:
         max_bandwidth: windowed maximum of per-sample delivery rate, bytes per second (BBR's BtlBw).
         min_rtt: windowed minimum collective duration, seconds (BBR's RTprop).
         samples: number of samples the estimate rests on.
+        vouched: whether samples large enough to measure the link (a quarter of the largest dense bucket, see
+            :class:`~lightning_netsense.sensing.LinkEstimator`) ever entered the estimate. Small payloads alone
+            pass a shaper's burst or a switch buffer at line rate: an estimate that rests on them may read a
+            slow link as a fast one.
     """
 
     alpha: float = 0.0
@@ -105,6 +109,7 @@ class LinkEstimate:
     max_bandwidth: float = math.inf
     min_rtt: float = 0.0
     samples: int = 0
+    vouched: bool = True
 
     def time(self, nbytes: float) -> float:
         """Predicted seconds for one collective moving ``nbytes`` on the wire."""

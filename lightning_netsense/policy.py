@@ -38,11 +38,13 @@ class Policy(ABC):
     def first_decision(self, allowed: Sequence[Decision]) -> Decision:
         """Decision for the first step of a DDP wrapper (a new or resumed run), before anything is measured.
 
-        One of ``allowed`` (plain DDP and the candidates whose codec keeps no per-bucket state: DDP has not
-        rebuilt its buckets yet) or plain DDP. This step's own traffic is the first measurement of the link, so
-        a codec whose payloads are large enough to measure it (fp16, bf16, int8: at least a quarter of a dense
-        bucket) is the useful compressed choice. It runs without error feedback (its buckets are provisional).
-        The default is plain DDP.
+        One of ``allowed`` or plain DDP. It runs without error feedback (DDP has not rebuilt its buckets yet; a
+        codec's per-bucket state is rebuilt with them). Where the state probes the link and the policy uses the
+        estimate, ``allowed`` holds every candidate: a step of kilobytes (PowerSGD) is then measured by probes at
+        the next boundaries, and :attr:`LinkEstimate.vouched` says when they have. Otherwise it holds plain DDP
+        and the codecs without per-bucket state, and this step's own traffic is the first measurement of the
+        link: a codec whose payloads are large enough to measure it (fp16, bf16, int8: at least a quarter of a
+        dense bucket) is the useful compressed choice. The default is plain DDP.
         """
         return Decision("none")
 

@@ -130,9 +130,28 @@ def test_step_fit_uses_the_given_latency_when_sizes_do_not_spread():
 # ---------------------------------------------------------------------------- the estimator
 def test_estimator_before_any_sample_is_unknown():
     est = LinkEstimator()
-    assert est.compute() == LinkEstimate()
+    assert est.compute() == LinkEstimate(vouched=False)
     est.update([], [])
-    assert est.compute().samples == 0
+    assert est.compute().samples == 0 and not est.vouched
+
+
+def test_only_payloads_that_measure_the_link_vouch_for_it():
+    """PowerSGD's kilobytes behind a 128 KB tbf burst read as a fast link: the estimate says it is not vouched
+    for until a payload or probe of a quarter of the largest dense bucket has been timed, and stays vouched."""
+    est = LinkEstimator()
+    reference = 4e6  # the largest dense bucket's wire bytes
+    est.update([50_000, 50_000, PROBE], [ALPHA + 1e-5] * 2 + [ALPHA], reference=reference)
+    assert est.compute().samples > 0 and not est.compute().vouched and not est.vouched
+    est.update([65_536], [ALPHA + 65_536 / (10_000 * MBIT)], reference=reference)  # a probe in the burst
+    assert not est.compute().vouched
+    est.update([1e6 + 4], [ALPHA + 1e6 / (20 * MBIT)], reference=reference)  # a quarter of the bucket
+    link = est.compute()
+    assert link.vouched and link.bandwidth == pytest.approx(20 * MBIT, rel=0.1)
+    est.update([50_000], [ALPHA + 1e-5], reference=reference)  # small payloads again: still vouched, held
+    assert est.compute().vouched and est.compute().bandwidth == pytest.approx(20 * MBIT, rel=0.1)
+    restored = LinkEstimator()
+    restored.load_state_dict(est.state_dict())
+    assert restored.vouched  # checkpoints keep it
 
 
 def test_estimator_recovers_latency_bandwidth_and_bbr_filters():
@@ -368,6 +387,10 @@ def test_probe_size_budget_growth_floor_and_cap():
     # a probe that answered fast grows fourfold, up to the largest size (the vouching size), never above it
     assert probe_size(20 * MBIT, True, 65536, 0.1, largest, 0.05, 2) == 262144
     assert probe_size(20 * MBIT, True, 6e6, 0.1, largest, 0.05, 2) == largest
+    # four times the last within a factor two of the largest: the largest itself (the rung below it costs nearly
+    # as much and does not vouch: 1 MB then 1.1 MB at 20 Mbit/s on the digits MLP, 0.42 s + 0.45 s)
+    assert probe_size(20 * MBIT, True, 262144, 0.1, 1.9e6, 0.05, 2) == 1_900_000
+    assert probe_size(20 * MBIT, True, 262144, 0.1, 2.2e6, 0.05, 2) == 1_048_576
     # the largest probe vouches for the link: a quarter of an 8 MB bucket, rounded up, never above the bucket
     assert probe_cap(8e6, 0.25) == 2_000_004 and probe_cap(1000, 1.0) == 1000
     # a probe that answered slow is followed by one of the largest size (which can replace a vouched estimate)
