@@ -114,12 +114,13 @@ class NetSenseState:
         probe_every: while a lossy mode runs, probe the bandwidth at most every this many steps (0: never).
             Compressed payloads are too small to measure a link that has recovered (their time is latency,
             scheduler noise, or a shaper's burst), so the state sends one ``all_reduce`` of a probe buffer at
-            the step boundary. Until anything has vouched for the link (a compressed first step), a ladder of
-            probes runs at every boundary, 4x each, up to the vouching size. It is sized to take ``probe_fraction`` of the steps until the next probe at the
+            the step boundary. It is sized to take ``probe_fraction`` of the steps until the next probe at the
             believed bandwidth, and quadrupled at the next step while the link answers faster than believed (as
             TCP's slow start), up to the size that vouches for the link (``vouch_fraction`` of the largest
             bucket); after a chain of probes that took ``d`` seconds the next one waits until
-            ``d <= probe_fraction`` of the steps in between (an amortised budget, measured, not predicted).
+            ``d <= probe_fraction`` of the steps in between (an amortised budget, measured, not predicted). Until
+            anything has vouched for the link (a compressed first step: see :attr:`LinkEstimate.vouched`), a probe
+            runs at every boundary, four times the last, up to the vouching size.
         probe_fraction: share of the training time probes may take, in (0, 1].
 
     Raises:

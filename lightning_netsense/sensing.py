@@ -386,24 +386,28 @@ class LinkEstimator:
         largest = self._window_largest()
         if reference is not None and reference > 0 and math.isfinite(reference):
             self._ref_bytes = float(reference)
-        if largest > 0:
-            if reference is None:
-                self._ref_bytes = max(self._ref_bytes, largest)
-            if largest >= self.vouch_fraction * self._ref_bytes:
-                self._held_bandwidth = self._window_estimate().bandwidth
+        if largest > 0 and reference is None:
+            self._ref_bytes = max(self._ref_bytes, largest)
+        newest = max(self._steps[-1][0], default=0.0)
+        if newest > 0 and newest >= self.vouch_fraction * self._ref_bytes:
+            # only a step that itself moved a vouching payload updates the held estimate: recomputed at every
+            # step while an old vouching sample aged in the window, it followed the small payloads' burst-fed
+            # rates (49 Mbit/s on a 20 Mbit/s link, 7 steps after the probe that had measured 19.6)
+            self._held_bandwidth = self._window_estimate().bandwidth
 
     def compute(self) -> LinkEstimate:
         """The current estimate; ``LinkEstimate()`` (``samples == 0``, infinite bandwidth) before any sample.
 
-        The window's estimate, except that a window of small payloads only (below ``vouch_fraction`` of the
-        largest sample seen) cannot raise the bandwidth above the last estimate of a window that could vouch.
-        Before any window could vouch the estimate says so (``vouched=False``): it may rest on a burst.
+        The window's estimate, but never above the estimate taken at the last step that moved a vouching payload
+        (at least ``vouch_fraction`` of the largest dense bucket): small payloads may lower the bandwidth, only
+        vouching ones raise it. Before any step could vouch the estimate says so (``vouched=False``): it may rest
+        on a burst.
         """
         est = self._window_estimate()
         held = self._held_bandwidth
         if held is None:
             return dataclasses.replace(est, vouched=False)
-        if est.bandwidth > held and self._window_largest() < self.vouch_fraction * self._ref_bytes:
+        if est.bandwidth > held:
             return dataclasses.replace(est, bandwidth=held)
         return est
 

@@ -18,6 +18,7 @@ from shaped_bench import (
     PRESETS,
     Driver,
     JobFailed,
+    _job,
     job_plan,
     merge_ideal,
     rate_at,
@@ -281,8 +282,13 @@ def test_presets_measure_what_the_targets_need():
         assert {("ideal", None), ("netsense", "100m"), ("netsense", "1g"), ("ddp", "1g")} <= set(cplan), name
         assert cnn["steps"] - report.WARMUP_STEPS == 40
         assert digits["cap_s_dynamic"] >= sum(sec for _, sec in DYNAMIC_CYCLE)  # a whole cycle of the trace
-    # the dynamic trace starts congested and visits every rate
+    # the dynamic trace starts congested and visits every rate; in the full run every contender trains there
+    # until the cap (a whole cycle: the plot of NetSense's estimate covers each rate), elsewhere to the budget
     assert DYNAMIC_CYCLE[0][0] == 20.0 and {r for r, _ in DYNAMIC_CYCLE} == {20.0, 100.0, 1000.0}
+    full = PRESETS["full"]["digits"]
+    dyn, fixed = (_job("digits", "netsense", t, full, 0, False, 0.95) for t in ("dynamic", "20m"))
+    assert dyn["cap_s"] >= sum(sec for _, sec in DYNAMIC_CYCLE) and dyn["steps"] * 0.02 >= dyn["cap_s"]
+    assert fixed["steps"] == full["steps"] == 300 and fixed["cap_s"] == full["cap_s"]
     extra = dict(PRESETS["quick"]["digits"], traces=["dynamic"], contenders=["ddp"])
     assert job_plan(extra) == [("ddp", "dynamic"), ("ddp", "1g")]
     # the references run first and last (the faster run counts: one run of the ideal moved from 121 to 209

@@ -149,6 +149,16 @@ def test_only_payloads_that_measure_the_link_vouch_for_it():
     assert link.vouched and link.bandwidth == pytest.approx(20 * MBIT, rel=0.1)
     est.update([50_000], [ALPHA + 1e-5], reference=reference)  # small payloads again: still vouched, held
     assert est.compute().vouched and est.compute().bandwidth == pytest.approx(20 * MBIT, rel=0.1)
+    # ... also once the probe's weight has decayed and it left the window: kilobytes that pass a burst at
+    # 100 Mbit/s never raise it (the held estimate followed them to 49 Mbit/s on a 20 Mbit/s link, when it was
+    # recomputed at every step the old probe was still in the window)
+    for _ in range(2 * est.window_steps):
+        est.update([50_000, PROBE], [ALPHA + 50_000 / (100 * MBIT), ALPHA], reference=reference)
+        assert est.compute().bandwidth == pytest.approx(20 * MBIT, rel=0.1)
+    # ... while kilobytes that read slower lower it (a drop): they can only err on the fast side
+    for _ in range(3):
+        est.update([50_000, PROBE], [ALPHA + 50_000 / (5 * MBIT), ALPHA], reference=reference)
+    assert est.compute().bandwidth < 10 * MBIT and est.compute().vouched
     restored = LinkEstimator()
     restored.load_state_dict(est.state_dict())
     assert restored.vouched  # checkpoints keep it
