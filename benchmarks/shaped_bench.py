@@ -444,9 +444,9 @@ def _round(x: Any, digits: int = 4) -> Any:
 def slim(results: dict[str, Any], all_steps: bool = False) -> dict[str, Any]:
     """The results to commit: per-step series only where a plot needs them, numbers to 4 significant digits.
 
-    Kept: every run's evaluations; per-step mode and estimate of the adaptive contenders (NetSensePolicy,
-    AIMDPolicy; every contender with ``all_steps``) with the trace as applied; the references' clock per step
-    (their TTA; the ideal's accuracy line). The input is not modified.
+    Kept: every run's evaluations; per-step mode and estimate of NetSensePolicy with the trace as applied (every
+    contender with ``all_steps``; AIMDPolicy's too made the file 1.3 MB once the dynamic trace ran to its cap);
+    the references' clock per step (their TTA; the ideal's accuracy line). The input is not modified.
     """
     out = dict(results)
     series = {}
@@ -454,7 +454,7 @@ def slim(results: dict[str, Any], all_steps: bool = False) -> dict[str, Any]:
     for key, data in results["series"].items():
         contender = key.split("/")[2]
         kept: dict[str, Any] = {"evals": [{k: e[k] for k in ("step", "train_s", "acc")} for e in data["evals"]]}
-        if contender in ("netsense", "aimd") or (all_steps and contender not in REFERENCES):
+        if contender == "netsense" or (all_steps and contender not in REFERENCES):
             kept["steps"] = [{k: st.get(k) for k in _STEP_KEYS if k != "wall"} for st in data["steps"]]
             # wall-clock times need more digits than the rest
             walls[key] = (round(data["t_go"], 3), [[round(w, 3), kind, v] for w, kind, v in data["trace_log"]],
