@@ -287,9 +287,14 @@ class NetSenseState:
         way to measure the link: payloads large enough to (fp16, bf16, int8), or bandwidth probes at the next
         boundaries (see ``probe_every``). Without probes, the codecs with per-bucket state wait as before.
         """
-        if self.probe_every and self.policy.uses_link_estimate:
+        if self._probes_link:
             return (_PLAIN, *self.policy.candidates())
         return self._stateless_candidates()
+
+    @property
+    def _probes_link(self) -> bool:
+        """Whether bandwidth probes run: enabled, and the policy's decisions depend on the estimate."""
+        return bool(self.probe_every) and self.policy.uses_link_estimate
 
     def begin_step(self) -> None:
         """Mark the start of a step, before its forward pass (the strategy calls this; optional).
@@ -475,8 +480,7 @@ class NetSenseState:
             # was sized on that 1.7 s step (275 kB), passed in the shaper's burst, and its chain took 0.5 s.
             self._next_probe = max(self._next_probe, self.step + 1 + self.probe_every)
         if (
-            self.probe_every
-            and self.policy.uses_link_estimate
+            self._probes_link
             and self.codecs[decision.mode].lossy
             and self.step + 1 >= max(self._plain_until, self._next_probe)
             and not self._traffic_vouches(observation, decision)
@@ -496,7 +500,7 @@ class NetSenseState:
         """The estimate the policy sees. Without probes nothing but the training traffic can vouch for the link,
         so the estimate is taken as it is (as it was before a policy could tell)."""
         link = self.estimator.compute()
-        if not link.vouched and not (self.probe_every and self.policy.uses_link_estimate):
+        if not link.vouched and not self._probes_link:
             link = dataclasses.replace(link, vouched=True)
         return link
 

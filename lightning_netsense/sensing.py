@@ -388,8 +388,7 @@ class LinkEstimator:
             self._ref_bytes = float(reference)
         if largest > 0 and reference is None:
             self._ref_bytes = max(self._ref_bytes, largest)
-        newest = max(self._steps[-1][0], default=0.0)
-        if newest > 0 and newest >= self.vouch_fraction * self._ref_bytes:
+        if self.vouches(max(self._steps[-1][0], default=0.0)):
             # only a step that itself moved a vouching payload updates the held estimate: recomputed at every
             # step while an old vouching sample aged in the window, it followed the small payloads' burst-fed
             # rates (49 Mbit/s on a 20 Mbit/s link, 7 steps after the probe that had measured 19.6)

@@ -242,6 +242,7 @@ def test_the_synced_ideal_splits_the_gap_to_the_ideal():
         s["trace"] = trace
         runs.append(s)
     report.compare(runs, {"cnn": results["ideal"]}, {"cnn": results["ideal_sync"]})
+    report.add_pairwise(runs)
     rows = {r["contender"]: r for r in runs}
     assert rows["ideal_sync"]["ratios"] == {"throughput_vs_ideal": pytest.approx(0.3 / 0.4)}
     ns = rows["netsense"]["ratios"]

@@ -1,5 +1,6 @@
 """netsense_hook and NetSenseState on real 2-rank gloo groups: averaging, precision, agreement, records."""
 
+import itertools
 import math
 import pickle
 import time
@@ -340,6 +341,45 @@ def test_netsense_first_step_is_powersgd_and_probes_measure_the_link(dist_pool):
     # the first step (no boundary before it) is timed from `begin_step`, its forward included
     for out in dist_pool.run(_first_steps, 0.2):
         assert out["step_times"][0] >= 0.2
+
+
+def _ladder() -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 8))
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=4)
+    state = NetSenseState(policy=NetSensePolicy())
+    ddp.register_comm_hook(state, netsense_hook)
+    sizes, vouched, caps = [], [], []
+    for step in range(5):
+        g = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+        x, y = torch.randn(16, 64, generator=g), torch.randn(16, 8, generator=g)
+        ddp.zero_grad()
+        state.begin_step()
+        loss = nn.functional.mse_loss(ddp(x), y)
+        state.begin_backward()
+        loss.backward()
+        state.end_step()
+        sizes.append(state._probe_bytes if state._bw_probe[1] > 0 else 0)
+        vouched.append(state.last_observation.link.vouched)
+        caps.append(state._probe_cap(state.last_observation))
+    return {"sizes": sizes, "vouched": vouched, "caps": caps}
+
+
+@pytest.mark.slow
+def test_a_link_never_vouched_for_is_measured_by_a_ladder_of_probes(dist_pool):
+    """After a PowerSGD first step only probes can vouch for the link: one at every boundary, four times the last
+    (the vouching size itself once within a factor two of it), until one vouches; then the usual schedule."""
+    out = dist_pool.run(_ladder)
+    assert out[0]["sizes"] == out[1]["sizes"]  # agreed sizes: a mismatch would hang gloo
+    sizes, vouched, cap = out[0]["sizes"], out[0]["vouched"], out[0]["caps"][-1]
+    assert cap > 4 * 262144  # the 1024 x 1024 layer's bucket
+    assert cap in sizes, sizes
+    last = sizes.index(cap)  # the vouching size is reached ...
+    # ... by a probe at every boundary from the first, each four times the last or, answering slower than the
+    # (unvouched) estimate, the vouching size at once
+    assert sizes[0] == 65536 and all(b in (4 * a, cap) for a, b in itertools.pairwise(sizes[: last + 1])), sizes
+    assert not any(vouched[: last + 1]) and vouched[last + 1], (sizes, vouched)  # reported at the next boundary
+    assert sizes[last + 1] == 0  # vouched for: no follow-up at once
 
 
 class _FirstPowerSGD(FixedPolicy):
