@@ -363,3 +363,15 @@ def test_hook_overhead_times_every_codec_on_the_cnns_buckets(capsys):
         parts = [float(x) for x in re.findall(r"([0-9.]+) ms", line)]
         assert len(parts) == 4 and all(p > 0 for p in parts)
         assert total == pytest.approx(sum(parts) / 1e3, abs=2e-3)
+
+
+@pytest.mark.slow
+def test_first_step_reports_steps_to_the_target_per_mode(capsys):
+    """benchmarks/first_step.py: two real gloo ranks per mode; a first step in that mode, PowerSGD after."""
+    import first_step
+
+    first_step.main(["--modes", "powersgd,int8", "--seeds", "0", "--steps", "5", "--target", "0.0"])
+    out = capsys.readouterr().out
+    # a target of 0 is met at the first evaluation; the mode of the first step is the one asked for
+    assert "powersgd  steps to 0% over seeds 0: 5" in out and "int8      steps to 0% over seeds 0: 5" in out, out
+    assert "{'powersgd': 5}" in out and "{'int8': 1, 'powersgd': 4}" in out, out
