@@ -44,7 +44,7 @@ def _rank(rank: int, port: int, mode: str, seed: int, steps: int, queue) -> None
         def candidates(self):
             return (later,) if first.mode in ("none", "powersgd") else (later, first)
 
-        def first_decision(self, allowed):
+        def first_decision(self, allowed, world_size):
             return first
 
         def decide(self, observation):

@@ -1,4 +1,4 @@
-"""The two benchmark workloads: digits time-to-accuracy and ResNet-18-sized CNN throughput.
+"""The benchmark workloads: digits time-to-accuracy, ResNet-18-sized CNN throughput, GPT time-to-loss.
 
 Written in plain torch (torchvision cannot be installed beside this torch). Each workload gives the model, an
 infinite iterator of per-rank training batches (same seed on every contender, so every contender sees the same
@@ -10,19 +10,25 @@ data in the same order), the loss, and - for digits - an evaluation on the held-
   gradients - enough that communication matters). Evaluated on the 360 test images.
 * ``cnn``: a ResNet-18 (BasicBlock, [2, 2, 2, 2], 64-512 channels, 11.2 M parameters, 44.7 MB of gradients) on
   synthetic 32x32 RGB images with random labels: throughput only.
+* ``gpt``: a small GPT-style transformer (pre-LayerNorm blocks, causal self-attention, tied input/output
+  embeddings; 4 layers of width 128: 0.83 M parameters) trained at byte level with AdamW on Python's own standard
+  library sources (shipped with every Python, no download). Evaluated as the validation loss (nats per byte) on
+  modules held out of training.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WORKLOADS", "Workload", "make_workload", "resnet18"]
+__all__ = ["GPT", "WORKLOADS", "Workload", "byte_corpus", "make_workload", "resnet18"]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,6 +74,109 @@ def resnet18(num_classes: int = 10, stem: str = "imagenet") -> nn.Module:
     return nn.Sequential(*layers)
 
 
+# ---------------------------------------------------------------------------------------------- GPT
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: causal multi-head self-attention, then a 4x GELU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.out = nn.Linear(4 * width, width)
+        self.heads = heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """A small GPT-style language model over bytes; the output layer is the token embedding (tied weights).
+
+    Args:
+        vocab: vocabulary size (256: bytes).
+        width: model width.
+        layers: transformer blocks.
+        heads: attention heads per block.
+        context: longest sequence (positional embeddings).
+    """
+
+    def __init__(self, vocab: int = 256, width: int = 128, layers: int = 4, heads: int = 4, context: int = 64) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*[_Block(width, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(width)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.ln(self.blocks(x)) @ self.tok.weight.T
+
+
+#: standard-library modules of the training text and of the held-out validation text
+_TRAIN_MODULES = ("argparse", "ast", "dataclasses", "difflib", "functools", "inspect", "pathlib", "shutil",
+                  "subprocess", "typing", "tarfile", "zipfile", "pickle", "enum", "configparser", "statistics")
+_VAL_MODULES = ("textwrap", "calendar", "fractions")
+
+
+def byte_corpus(modules: tuple[str, ...]) -> Tensor:
+    """The UTF-8 bytes of standard-library modules' sources, concatenated, as a ``uint8`` tensor."""
+    root = sysconfig.get_paths()["stdlib"]
+    data = b"".join(open(os.path.join(root, f"{m}.py"), "rb").read() for m in modules)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _windows(text: Tensor, starts: Tensor, context: int) -> tuple[Tensor, Tensor]:
+    rows = text[starts[:, None] + torch.arange(context + 1)].long()
+    return rows[:, :-1], rows[:, 1:]
+
+
+def _gpt(rank: int, world: int, seed: int, batch: int, width: int, layers: int, heads: int, context: int,
+         lr: float, val_batches: int) -> Workload:
+    train, val = byte_corpus(_TRAIN_MODULES), byte_corpus(_VAL_MODULES)
+    torch.manual_seed(seed)
+    model = GPT(width=width, layers=layers, heads=heads, context=context)
+    # a fixed validation set: the same windows for every contender and evaluation
+    vgen = torch.Generator().manual_seed(1234)
+    vx, vy = _windows(val, torch.randint(0, len(val) - context - 1, (val_batches * 32,), generator=vgen), context)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        # each rank its own stream of random windows, the same for every contender
+        gen = torch.Generator().manual_seed(seed * 1000 + rank)
+        while True:
+            yield _windows(train, torch.randint(0, len(train) - context - 1, (batch,), generator=gen), context)
+
+    def evaluate(m: nn.Module) -> float:
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            losses = [gpt_loss(m(x), y) for x, y in zip(vx.split(32), vy.split(32))]
+        m.train(was)
+        return float(torch.stack(losses).mean())
+
+    return Workload(
+        name="gpt",
+        model=model,
+        batches=batches(),
+        make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01),
+        evaluate=evaluate,
+        batch_size=batch,
+        metric="loss",
+    )
+
+
+def gpt_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy per byte, nats."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
 # ---------------------------------------------------------------------------------------------- workloads
 @dataclass
 class Workload:
@@ -78,8 +187,10 @@ class Workload:
         model: freshly initialised model (same weights on every rank: built under the same seed).
         batches: infinite iterator of this rank's ``(x, y)`` training batches.
         make_optimizer: builds the optimizer for the (possibly DDP-wrapped) parameters.
-        evaluate: accuracy of a model on the test split, or ``None`` for throughput-only workloads.
+        evaluate: quality of a model on the held-out split (see ``metric``), or ``None`` for throughput-only
+            workloads.
         batch_size: samples per rank and step.
+        metric: ``"accuracy"`` (higher is better) or ``"loss"`` (nats, lower is better).
     """
 
     name: str
@@ -88,6 +199,11 @@ class Workload:
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     evaluate: Callable[[nn.Module], float] | None
     batch_size: int
+    metric: str = "accuracy"
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """The training loss of this workload."""
+        return gpt_loss(out, y) if self.name == "gpt" else loss_fn(out, y)
 
 
 def _digits_split(seed: int) -> dict[str, tuple[Tensor, Tensor]]:
@@ -172,6 +288,7 @@ def _cnn(rank: int, world: int, seed: int, batch: int, stem: str, lr: float) -> 
 WORKLOADS: dict[str, dict] = {
     "digits": {"batch": 32, "hidden": 1024, "depth": 3, "lr": 1e-3},
     "cnn": {"batch": 32, "stem": "imagenet", "lr": 0.01},
+    "gpt": {"batch": 32, "width": 128, "layers": 4, "heads": 4, "context": 64, "lr": 2e-3, "val_batches": 8},
 }
 
 
@@ -185,6 +302,8 @@ def make_workload(name: str, rank: int, world: int, seed: int = 0, **options) ->
     opts = {**WORKLOADS[name], **options}
     if name == "digits":
         return _digits(rank, world, seed, **opts)
+    if name == "gpt":
+        return _gpt(rank, world, seed, **opts)
     return _cnn(rank, world, seed, **opts)
 
 

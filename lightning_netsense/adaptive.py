@@ -11,37 +11,19 @@ from lightning_netsense.codecs import CODECS
 from lightning_netsense.observation import MODE_CODES, CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
 from lightning_netsense.policy import Policy
 
-__all__ = ["PRIOR_REL_ERROR", "NetSensePolicy", "powersgd_prior", "predicted_comm_time", "predicted_wire_time"]
+__all__ = ["PRIOR_REL_ERROR", "NetSensePolicy", "first_step_mode", "predicted_comm_time", "predicted_wire_time"]
 
-#: Relative error ``||g - g_hat|| / ||g||`` assumed for a mode until it has been measured, and by default the least
-#: error it is credited with once measured (``NetSensePolicy(prior_floor=True)``); it orders the modes by
-#: lossiness. fp16 and bf16: RMS rounding error of an 11- and 8-bit mantissa (``2**-p / sqrt(3)``); int8: one
-#: absmax scale per chunk, uniform rounding over 255 levels of a Gaussian chunk; PowerSGD rank 4 and top-k 1 %
-#: (with error feedback): the progress of their steps on the digits MLP (Adam), 85 and 135 steps to 95 %
-#: against plain DDP's 30, i.e. ``1 - e^2`` = 0.35 and 0.22. Measured per step along training they read lower
-#: (0.4-0.87 and 0.6-0.91 on the digits MLP; 0.95-1.0 and 0.72-0.9 on the ResNet-18-sized CNN). Unknown modes
-#: count as 1.0 (the most lossy). 0.5 and then 0.7 for PowerSGD made it a choice at 1 Gbit/s on the digits MLP,
-#: where fp16 is 1.5-2.3x faster to 95 %.
-#: ``first_mode="auto"``, in order of preference among the modes the first step may run: PowerSGD (a few
-#: kilobytes; the link is then measured by probes), else a codec whose payloads (a quarter or half of a dense
-#: bucket) are large enough for the estimator to take as a measurement of the link (``vouch_fraction``)
-_FIRST_PREFERENCE = ("powersgd", "int8", "fp16", "bf16")
-
+#: Update error assumed for a mode before it has been measured (the hook measures every candidate from the first
+#: step on, see :class:`~lightning_netsense.shadow.ShadowMeter`; these order modes a policy prices without a
+#: measurement). fp16 and bf16: RMS rounding of an 11- and 8-bit mantissa; int8, PowerSGD and top-k: typical
+#: measured values.
 PRIOR_REL_ERROR: Mapping[str, float] = MappingProxyType(
-    {"none": 0.0, "fp16": 3e-4, "bf16": 2.5e-3, "int8": 1e-2, "powersgd": 0.8, "topk": 0.9}
+    {"none": 0.0, "fp16": 3e-4, "bf16": 2.5e-3, "int8": 0.05, "powersgd": 0.8, "topk": 0.95}
 )
-
-
-def powersgd_prior(rank: int) -> float:
-    """Prior relative error of PowerSGD at ``rank``: :data:`PRIOR_REL_ERROR`'s 0.8 at rank 4, 0.5 at rank 16.
-
-    From the second step (after an int8 first step) on the digits MLP (Adam), over seeds 0/1/2 against plain
-    DDP's 30/35/40 steps to 95 %: rank 16 needed 35/55/50 (``1 - e^2`` = 0.77 on average, ``e`` about 0.5),
-    rank 8 60/75/60 (0.55, ``e`` 0.67; this function: 0.65). Linear in ``log2(rank)`` between ranks 4 and 16,
-    clipped to [0.3, 0.95] beyond them.
-    """
-    err = PRIOR_REL_ERROR["powersgd"] - 0.15 * (math.log2(max(rank, 1)) - 2.0)
-    return min(max(err, 0.3), 0.95)
+#: Modes ``first_mode="auto"`` chooses from for a run's first step: they send every coordinate with its sign
+#: (rounding, never a projection or a selection), so the optimizer's first statistics are set from gradients it
+#: can absorb, and their payloads are large enough to measure the link
+_FIRST_MODES = ("int8", "bf16", "fp16")
 
 
 def predicted_comm_time(profile: CodecProfile, link: LinkEstimate, world_size: int, dense_bytes: float) -> float:
@@ -68,6 +50,21 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def first_step_mode(modes: Sequence[str], world_size: int, chunk_size: int = 1024) -> str:
+    """The mode of a run's first step for ``first_mode="auto"``: of the modes that send every coordinate with its
+    sign (int8, bf16, fp16), the one with the fewest wire bytes at ``world_size``; ``"none"`` if there is none.
+
+    int8 is exchanged by allgather (``(N - 1)`` payloads of a quarter of the dense bytes), bf16 and fp16 by allreduce
+    (``2 (N - 1) / N`` payloads of half of them): int8 up to three ranks, bf16 from four.
+    """
+    per_element = {"int8": 1.0 + 4.0 / chunk_size, "bf16": 2.0, "fp16": 2.0}
+    summable = {"int8": False, "bf16": True, "fp16": True}
+    found = [m for m in _FIRST_MODES if m in modes]
+    if not found:
+        return "none"
+    return min(found, key=lambda m: (wire_bytes(per_element[m], world_size, summable[m]), _FIRST_MODES.index(m)))
+
+
 class NetSensePolicy(Policy):
     r"""Compress only as much as the link forces: the least lossy mode whose communication hides under compute.
 
@@ -78,83 +75,58 @@ class NetSensePolicy(Policy):
        dense byte);
     2. ``budget = slack * overlap_time``: the backward compute left after the first bucket is ready, which is
        what the collectives can run under;
-    3. among modes within the error budget (``rel_error(m) <= max_rel_error``; measured error where known, else
-       :data:`PRIOR_REL_ERROR`), ordered from least to most lossy by that same error, take the first with
-       ``comm(m) <= budget``;
+    3. among modes within the error budget (``error(m) < max_rel_error``), ordered from least to most lossy by that
+       error, take the first with ``comm(m) <= budget``;
     4. if none fits, predict each mode's time per unit of training progress,
-       ``(base + c(m) * dense + max(0, wire(m) - budget)) / max(1 - rel_error(m)^2, efficiency_floor)``
+       ``(base + c(m) * dense + max(0, wire(m) - budget)) / max(1 - error(m)^2, efficiency_floor)``
        (``base`` = the step without its exposed communication; only the transfer hides under the backward pass,
        the codec's compute runs on the same core or stream as it), and take the least lossy mode within
-       ``tolerance`` of the best,
-       among the modes whose predicted step is at most ``max_slowdown`` times the fastest one's.
+       ``tolerance`` of the best, among the modes whose predicted step is at most ``max_slowdown`` times the
+       fastest one's.
+
+    ``error(m)`` is the measured *update error* of the mode (:attr:`CodecProfile.update_error`): how far the update
+    the optimizer would take from what the mode sends is from the one it would take from the exact gradient, with
+    the optimizer's own momentum and second moments (see :mod:`~lightning_netsense.update_error`). The hook measures
+    it for every candidate, every step, by running each codec on a window of the real gradients without sending
+    anything; a step in a mode with update error ``e`` is credited with ``1 - e^2`` of a plain step's progress. A
+    mode that was never measured counts with :data:`PRIOR_REL_ERROR`.
 
     Hysteresis: a *more* compressing mode is adopted once ``confirm`` observations in a row ask for it; a *less*
     compressing one only after it has fitted with ``margin`` (budget and tolerance scaled by ``1 - margin``)
-    for ``patience`` consecutive steps. A relaxation undone within ``patience + 2`` steps (the estimator needs
-    about two steps to confirm a change) doubles the patience of the next one, up to ``max_patience`` (back
-    to ``patience`` once a relaxation holds): a link that only looks fast for small payloads (a token bucket's
-    burst) costs one or two slow steps per probe, and is probed ever more rarely. One slow step alone never
-    reverts a relaxation: on a loaded machine a scheduler stall looks the same as a slow link.
+    for ``patience`` consecutive steps. A relaxation undone within ``patience + 2`` steps doubles the patience of
+    the next one, up to ``max_patience`` (back to ``patience`` once a relaxation holds): a link that only looks
+    fast for small payloads (a token bucket's burst) is probed ever more rarely. One slow step alone never reverts
+    a relaxation: on a loaded machine a scheduler stall looks the same as a slow link.
 
-    A DDP wrapper's first step runs ``first_mode`` (PowerSGD by default where the state probes the link, else
-    int8: a quarter of the bytes, enough of them to measure the link with); further warm-up steps
-    (``NetSenseState(warmup_steps=...)``, none by default) run the rules' choice among the codecs without
-    per-bucket state (see :meth:`warmup_decision`). The decisions after the warm-up start from plain DDP, with
-    the hysteresis above: a first step at 1 Gbit/s, slowed by TCP's slow start, measured 166 Mbit/s on the
-    shaped-link test, and that alone must not make the run compress. Until the link is vouched for
-    (:attr:`LinkEstimate.vouched`: payloads or probes of at least a quarter of a dense bucket have been timed),
-    the compressed mode that ran is held: an estimate that rests on a compressed first step's kilobytes reads a
-    shaper's burst as a fast link, or a few milliseconds' stall as a slow one. The first estimate that vouches
-    is decided on at once, without hysteresis (the held mode was no choice of the rules). Without a measurement
-    (``link.samples == 0``) :meth:`decide` chooses ``"none"``; an infinite bandwidth prices every mode at its
-    latency alone, which makes ``"none"`` the choice as well.
+    A run's first step (and a resumed run's) is decided before anything is measured: ``first_mode``, by default a
+    mode that sends every coordinate with its sign (int8 or bf16, see :func:`first_step_mode`), so that the
+    optimizer's first statistics are never set from a projection or a selection of the gradient, and whose
+    payloads measure the link. The decisions after it start from plain DDP with the hysteresis above. Until the
+    link is vouched for (:attr:`LinkEstimate.vouched`), a compressed mode that ran is held; the first estimate
+    that vouches is decided on at once. Without a measurement (``link.samples == 0``) :meth:`decide` chooses
+    ``"none"``.
 
     Args:
         modes: candidate modes; must contain ``"none"``.
         topk_density: kept fraction of ``"topk"``, in (0, 1].
-        powersgd_rank: rank of ``"powersgd"``, >= 1. Its prior error is :func:`powersgd_prior` of it (unless
-            ``prior_errors`` names ``"powersgd"``). 8 by default. On the digits MLP from the second step (seeds
-            0/1/2; plain DDP: 30/35/40 steps to 95 %, 98.34/98.89/98.15 % test accuracy at the end of 300
-            steps): rank 4 65 steps (seed 0), rank 8 60/75/60 ending level with plain DDP (+0.0/+0.0/+0.2
-            points), rank 16 35/55/50 but ending 0.6-1.4 points below it (97.5 % on all three seeds; rank 32:
-            96.5-97.9 %). With ``powersgd_bits=16`` a rank-8 step sends 53 kB, rank 4 in float32 61 kB.
+        powersgd_rank: rank of ``"powersgd"``, >= 1. Higher ranks send more and err less.
         powersgd_bits: payload precision of ``"powersgd"``: 16 (bfloat16) or 32 (float32). See
             :class:`~lightning_netsense.codecs.powersgd.PowerSGDCodec`.
         slack: factor on the overlap budget, > 0 (above 1 tolerates some exposed communication).
-        max_rel_error: error budget, > 0. The default 1.0 admits every contraction (what error feedback needs).
+        max_rel_error: error budget, > 0: a mode whose update error reaches it is not chosen. The default 1.0
+            rules out modes whose updates are no closer to the exact update than no update at all.
         margin: relative margin a less compressing mode must fit with, in [0, 1).
         patience: consecutive steps a less compressing mode must fit before it is adopted, >= 1.
         max_patience: cap of the doubled patience, >= ``patience``.
         tolerance: relative step-time slack within which a less lossy mode is preferred when none fits, >= 0.
         confirm: consecutive observations (>= 1) that must ask for more compression before it is adopted...
+        urgent: ... unless the current mode's predicted communication exceeds the budget (or the backward
+            time) ``urgent`` times over (> 1): then at once.
         efficiency_floor: smallest share of a plain step's progress credited to a lossy step, in (0, 1].
         max_slowdown: a mode whose predicted step is more than this many times the fastest candidate's is not
             chosen for its lower error (>= 1; ``math.inf`` trusts the progress model without bound).
-        urgent: ... unless the current mode's predicted communication exceeds the budget (or the backward
-            time) ``urgent`` times over (> 1): then at once.
-        prior_errors: overrides of :data:`PRIOR_REL_ERROR`, mode -> relative error >= 0.
-        error_ttl: steps a measured error is trusted below the mode's prior, >= 0. An error measured longer ago
-            counts as ``max(measured, prior)``: compression error drifts along training (PowerSGD rank 4 on the
-            digits MLP: 0.4 early, 0.87 late), so an early, low top-k error must not lure the policy away from a
-            mode measured now (seen on the digits benchmark: an 8-step top-k episode at step 261, chosen on top-k's
-            error from step 2). An error measured before error feedback's residual built up
-            (``CodecProfile.rel_error_cold``) counts the same way: on the digits MLP at 20 Mbit/s top-k's first
-            step after the int8 first step measured 0.57, then 0.73-0.75 with a residual; the cold value chose
-            top-k over PowerSGD (prior 0.7) for five steps, in which test accuracy fell from 45 % to 23 %.
-        prior_floor: a measured error counts no lower than the mode's prior (``max(measured, prior)``); the prior
-            is then the least error, hence the most progress, a step of the mode is credited with. Measured on
-            the digits benchmark (Adam): PowerSGD rank 4 measured 0.4-0.87 per step, but needed 85 steps to 95 %
-            against plain DDP's 30 in every run, the progress of ``e = 0.8`` (``1 - e^2 = 0.35``); top-k 1 %
-            measured 0.6-0.91 and needed 135 (``e = 0.88``). Trusted as measured, PowerSGD's errors made it the
-            choice at 1 Gbit/s in 21-89 % of the steps of four runs, 4.0-4.1 s to 95 % where fp16 takes 2.2-2.7 s.
-            ``False`` trusts measured errors below the prior (within ``error_ttl``, and unless measured cold).
-        first_mode: mode of a wrapper's first step, before the link is measured: ``"none"``, a mode of
-            ``modes``, or ``"auto"``: the first of PowerSGD, int8, fp16, bf16 in ``modes`` that the state lets
-            run first (PowerSGD only where it probes the link: its payloads cannot measure it), else ``"none"``.
-            Measured at 20 Mbit/s on the digits MLP: a plain first step took 4.5 s of NetSense's 10 s to 95 %,
-            an int8 one 1.4-1.6 s (its allgather's two directions slowed each other), a PowerSGD one 0.05 s plus
-            0.5 s of probes at the next three boundaries; 95 % was reached at steps 50/55/70 (seeds 0/1/2)
-            after a PowerSGD first step, 60/75/60 after an int8 one.
+        prior_errors: overrides of :data:`PRIOR_REL_ERROR`, mode -> update error >= 0, for modes not measured yet.
+        first_mode: mode of a run's first step: ``"auto"`` (see above), ``"none"`` or a mode of ``modes``.
 
     Raises:
         ValueError: if an argument is out of range, naming it.
@@ -181,9 +153,7 @@ class NetSensePolicy(Policy):
         efficiency_floor: float = 0.05,
         max_slowdown: float = 2.0,
         prior_errors: Mapping[str, float] | None = None,
-        error_ttl: int = 50,
         first_mode: str = "auto",
-        prior_floor: bool = True,
     ) -> None:
         if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
             raise ValueError(f"Expected `modes` to be a non-empty sequence of mode names, but got {modes!r}")
@@ -220,15 +190,11 @@ class NetSensePolicy(Policy):
             raise ValueError(f"Expected `confirm` to be an integer >= 1, but got {confirm!r}")
         if not _is_number(tolerance) or tolerance < 0:
             raise ValueError(f"Expected `tolerance` to be a number >= 0, but got {tolerance!r}")
-        if not isinstance(prior_floor, bool):
-            raise ValueError(f"Expected `prior_floor` to be a bool, but got {prior_floor!r}")
-        if not _is_int(error_ttl) or error_ttl < 0:
-            raise ValueError(f"Expected `error_ttl` to be an integer >= 0, but got {error_ttl!r}")
         if first_mode not in ("auto", "none") and first_mode not in modes:
             raise ValueError(
                 f"Expected `first_mode` to be 'auto', 'none' or one of `modes` {list(modes)}, but got {first_mode!r}"
             )
-        priors = {**PRIOR_REL_ERROR, "powersgd": powersgd_prior(powersgd_rank)}
+        priors = dict(PRIOR_REL_ERROR)
         for mode, err in (prior_errors or {}).items():
             if not _is_number(err) or err < 0:
                 raise ValueError(f"Expected `prior_errors` values >= 0, but got {err!r} for {mode!r}")
@@ -248,8 +214,6 @@ class NetSensePolicy(Policy):
         self.efficiency_floor = float(efficiency_floor)
         self.max_slowdown = float(max_slowdown)
         self.priors = priors
-        self.error_ttl = error_ttl
-        self.prior_floor = prior_floor
         self.first_mode = first_mode
         self._decisions = {m: Decision(m, self._options(m)) for m in self.modes}
         self.reset()
@@ -280,18 +244,13 @@ class NetSensePolicy(Policy):
         return tuple(self._decisions.values())
 
     # ------------------------------------------------------------------ the decision
-    def rel_error(self, profile: CodecProfile) -> float:
-        """Measured relative error of ``profile``'s mode where known, else its prior."""
+    def error(self, profile: CodecProfile) -> float:
+        """The error ``profile``'s mode is priced with: its measured update error where known, else its prior."""
         if not profile.lossy:
             return 0.0
-        prior = self.priors.get(profile.mode, 1.0)
-        if profile.rel_error is not None and math.isfinite(profile.rel_error):
-            # a floor by default; else not trusted below the prior when measured too long ago, or before error
-            # feedback's residual built up
-            if self.prior_floor or profile.rel_error_age > self.error_ttl or profile.rel_error_cold:
-                return max(profile.rel_error, prior)
-            return profile.rel_error
-        return prior
+        if profile.update_error is not None and math.isfinite(profile.update_error):
+            return profile.update_error
+        return self.priors.get(profile.mode, 1.0)
 
     def _profiles(self, obs: Observation) -> dict[str, CodecProfile]:
         """Candidate profiles present in the observation, ``"none"`` always (built from the buckets if absent)."""
@@ -302,7 +261,7 @@ class NetSensePolicy(Policy):
 
     def _ordered(self, profiles: Mapping[str, CodecProfile]) -> list[str]:
         """Modes from least to most lossy (ties broken by the order of ``modes``)."""
-        return sorted(profiles, key=lambda m: (self.rel_error(profiles[m]), self.modes.index(m)))
+        return sorted(profiles, key=lambda m: (self.error(profiles[m]), self.modes.index(m)))
 
     def choose(
         self,
@@ -323,7 +282,7 @@ class NetSensePolicy(Policy):
         eligible = [
             m
             for m in self._ordered(profiles)
-            if self.rel_error(profiles[m]) <= self.max_rel_error and (allowed is None or m in allowed or m == "none")
+            if self.error(profiles[m]) < self.max_rel_error and (allowed is None or m in allowed or m == "none")
         ]
         dense = float(sum(obs.bucket_bytes))
         wire = {m: predicted_wire_time(profiles[m], obs.link, obs.world_size) for m in eligible}
@@ -354,7 +313,7 @@ class NetSensePolicy(Policy):
 
     def efficiency(self, profile: CodecProfile) -> float:
         """Share of a plain step's progress a step in ``profile``'s mode makes: ``max(1 - e^2, efficiency_floor)``."""
-        err = self.rel_error(profile)
+        err = self.error(profile)
         return max(1.0 - err * err, self.efficiency_floor)
 
     def decide(self, observation: Observation) -> Decision:
@@ -385,7 +344,7 @@ class NetSensePolicy(Policy):
         current = self._mode
         in_probation = self._probation > 0
         self._probation = max(0, self._probation - 1)
-        current_ok = current in profiles and self.rel_error(profiles[current]) <= self.max_rel_error
+        current_ok = current in profiles and self.error(profiles[current]) < self.max_rel_error
         if not current_ok or order.index(target) > order.index(current):
             # the current mode no longer fits: compress more once `confirm` observations in a row say so (one
             # step's stall on a loaded machine moves the estimate for a step; a slow link persists)
@@ -419,12 +378,13 @@ class NetSensePolicy(Policy):
         self._streak, self._streak_target = 0, None
         return self._decisions[self._mode]
 
-    def first_decision(self, allowed: Sequence[Decision]) -> Decision:
-        """``first_mode`` (``"auto"``: the first of PowerSGD, int8, fp16, bf16 among ``allowed``): nothing is
-        measured yet; this step's payloads, or the probes after it, are the first measurement."""
+    def first_decision(self, allowed: Sequence[Decision], world_size: int) -> Decision:
+        """``first_mode`` (``"auto"``: :func:`first_step_mode` of the modes in ``allowed``): nothing is measured
+        yet; this step's payloads are the first measurement of the link."""
         if self.first_mode == "auto":
-            preferred = [self._decisions[m] for m in _FIRST_PREFERENCE if m in self._decisions]
-            return next((d for d in preferred if d in allowed), self._decisions["none"])
+            usable = [d.mode for d in allowed if d.mode in self._decisions]
+            chunk = int(self._decisions["int8"].options.get("chunk_size", 1024)) if "int8" in self._decisions else 1024
+            return self._decisions[first_step_mode(usable, world_size, chunk)]
         decision = self._decisions[self.first_mode]
         return decision if decision in allowed else self._decisions["none"]
 

@@ -38,6 +38,8 @@ from lightning_netsense.observation import (
     wire_bytes,
 )
 from lightning_netsense.policy import FixedPolicy, Policy
+from lightning_netsense.shadow import ShadowMeter
+from lightning_netsense.update_error import BucketSample, SecondMoments, relative
 from lightning_netsense.sensing import (
     LinkEstimator,
     peak_in_flight,
@@ -60,11 +62,12 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _COST_EMA = 0.3
 
 
+
 class _StepRecord:
     """What the hook records during one step; reset at each boundary."""
 
     __slots__ = ("t_step_start", "t_backward_start", "t_first", "t_last", "launch", "end", "wire", "index",
-                 "numel", "err2", "ref2", "cold", "codec_seconds", "cuda_events")
+                 "numel", "err2", "ref2", "cold", "codec_seconds", "cuda_events", "update_terms")
 
     def __init__(self) -> None:
         self.t_step_start: float | None = None
@@ -84,6 +87,8 @@ class _StepRecord:
         # appended from two threads (hook body and callback); list.append is atomic under the GIL, += is not
         self.codec_seconds: list[float] = []
         self.cuda_events: list[Any] = []
+        # summed `update_terms` of this step's lossy buckets (a device tensor, read at the boundary)
+        self.update_terms: Tensor | None = None
 
 
 class NetSenseState:
@@ -157,6 +162,9 @@ class NetSenseState:
         "_mode_error_step",
         "_mode_error_cold",
         "_calibrated",
+        "second_moments",
+        "_samples",
+        "_shadow",
         # statistics
         "last_observation",
         "last_local",
@@ -212,6 +220,11 @@ class NetSenseState:
         self._last_boundary: float | None = None
         self._probe: tuple[float, float] = (0.0, 0.0)
         self._calibrated = False
+        #: where the optimizer keeps its second moments (set by the strategy): the update error is measured with them
+        self.second_moments: SecondMoments | None = None
+        self._samples: dict[int, BucketSample] = {}
+        # every lossy candidate run on a window of the gradients, unsent: the update error the policy prices with
+        self._shadow = ShadowMeter()
         self._bw_probe: tuple[float, float] = (0.0, 0.0)
         self._probe_bytes = 0
         # agreed seconds of the current chain of fast-answering probes (paid for after its last probe)
@@ -220,8 +233,10 @@ class NetSenseState:
         self._probe_calm = 0
         # first step whose boundary may probe (agreed: derived from agreed probe durations only)
         self._next_probe = 0
-        # mode of the warm-up steps (a stateless codec at most, see `active_decision`)
-        self._warmup_decision: Decision = self._first_decision()
+        # mode of the warm-up steps (see `active_decision`): decided at the first hook call, when the world size is
+        # known; the policy's choice is checked here already, for a clear error before any process starts
+        self._first_decision(world_size=2)
+        self._warmup_decision: Decision | None = None
         # step at which each lossy mode's error was last measured (its age is told to the policy)
         self._mode_error_step: dict[str, int] = {}
         # lossy modes whose last error was measured without an error-feedback residual (told to the policy)
@@ -263,12 +278,16 @@ class NetSenseState:
         chose; both among plain DDP and the codecs that keep no per-bucket state (DDP may still rebuild its
         buckets).
         """
-        return self._warmup_decision if self.step < self._plain_until else self.decision
+        if self.step >= self._plain_until:
+            return self.decision
+        if self._warmup_decision is None:
+            self._warmup_decision = self._first_decision(self.world_size)
+        return self._warmup_decision
 
-    def _first_decision(self) -> Decision:
+    def _first_decision(self, world_size: int) -> Decision:
         """The policy's choice for a wrapper's first step, checked against what may run there."""
         allowed = self._first_candidates()
-        first = self._validated(self.policy.first_decision(allowed))
+        first = self._validated(self.policy.first_decision(allowed, world_size))
         if first.mode != "none" and first not in allowed:
             raise ValueError(
                 f"{type(self.policy).__name__}.first_decision chose {first.key}; accepted in the warm-up: "
@@ -413,7 +432,10 @@ class NetSenseState:
         believed = self.estimator.compute()
         layouts = self._step_layouts(record)
         largest_dense = max((allreduce_wire_bytes(layout.numel * 4, world) for layout in layouts), default=0.0)
-        self.estimator.update(samples_b, samples_s, reference=largest_dense or None)
+        # a wrapper's first step also pays the process group's set-up (connections, buffers, TCP's slow start): its
+        # samples stand until the next step's, and cannot vouch for the link (the policy holds the first mode)
+        first = self.step == self._plain_until - self.warmup_steps
+        self.estimator.update(samples_b, samples_s, reference=largest_dense or None, provisional=first)
         observation = Observation(
             step=self.step,
             world_size=world,
@@ -430,7 +452,9 @@ class NetSenseState:
             rel_error=agreed.rel_error,
             residual_norm=agreed.residual_norm,
             link=self._link(),
-            codecs=self._profiles(layouts, agreed.mode_errors, agreed.mode_seconds_per_byte),
+            codecs=self._profiles(layouts, agreed.mode_errors, agreed.mode_seconds_per_byte, agreed.mode_update_errors),
+            update_error=agreed.update_error,
+            sign_flips=agreed.sign_flips,
         )
         if self.step + 1 < self._plain_until:
             # the next step is a warm-up step: do not let the policy commit its hysteresis to a decision that
@@ -500,7 +524,7 @@ class NetSenseState:
         """The estimate the policy sees. Without probes nothing but the training traffic can vouch for the link,
         so the estimate is taken as it is (as it was before a policy could tell)."""
         link = self.estimator.compute()
-        if not link.vouched and not self._probes_link:
+        if not link.vouched and not self._probes_link and not self.estimator.provisional:
             link = dataclasses.replace(link, vouched=True)
         return link
 
@@ -585,7 +609,8 @@ class NetSenseState:
         self._last_boundary = None
         # a fresh DDP wrapper rebuilds its buckets after its first iteration: no lossy step (or residual) before
         self._plain_until = self.step + self.warmup_steps
-        self._warmup_decision = self._first_decision()
+        self._warmup_decision = None
+        self._shadow.reset()
         self._next_probe = 0
         self._probe_chain = 0.0
         self._probe_calm = 0
@@ -624,13 +649,26 @@ class NetSenseState:
             self._layouts[index] = layout
         return layout
 
+    def _sample(self, layout: BucketLayout, buffer: Tensor) -> BucketSample:
+        sample = self._samples.get(layout.index)
+        if sample is None or sample.layout != layout or sample.indices.device != buffer.device:
+            sizes = [math.prod(shape) for shape in layout.shapes]
+            sample = BucketSample(layout.numel, sizes, 4096, buffer.device, seed=layout.index)
+            sample.layout = layout
+            self._samples[layout.index] = sample
+        return sample
+
     def _step_layouts(self, record: _StepRecord | None) -> list[BucketLayout]:
         if record is not None and record.index:
             return [self._layouts[i] for i in record.index if i in self._layouts]
         return [self._layouts[i] for i in sorted(self._layouts)]
 
     def _profiles(
-        self, layouts: list[BucketLayout], errors: tuple[float, ...], costs: tuple[float, ...]
+        self,
+        layouts: list[BucketLayout],
+        errors: tuple[float, ...],
+        costs: tuple[float, ...],
+        updates: tuple[float, ...] = (),
     ) -> dict[str, CodecProfile]:
         modes = list(self.codecs)
         wanted = [_PLAIN, *self.policy.candidates()]
@@ -642,6 +680,7 @@ class NetSenseState:
             i = modes.index(decision.mode)
             err = errors[i] if i < len(errors) else math.nan
             cost = costs[i] if i < len(costs) else math.nan
+            upd = updates[i] if i < len(updates) else math.nan
             out[decision.mode] = CodecProfile(
                 mode=decision.mode,
                 summable=codec.summable,
@@ -652,6 +691,7 @@ class NetSenseState:
                 # identical on every rank: every rank ran the same agreed mode in the same steps
                 rel_error_age=self.step - self._mode_error_step.get(decision.mode, self.step),
                 rel_error_cold=decision.mode in self._mode_error_cold,
+                update_error=None if math.isnan(upd) else (0.0 if not codec.lossy else upd),
             )
         return out
 
@@ -678,6 +718,10 @@ class NetSenseState:
                 self._mode_error_cold.discard(mode)
         else:
             rel_error = 0.0
+        update_error, sign_flips = 0.0, 0.0
+        if rec.update_terms is not None:
+            update_error, sign_flips = relative(rec.update_terms.tolist())
+        self._shadow.measure(self.codecs, self.policy.candidates(), self.second_moments)
         if self._last_boundary is not None:
             step_time = now - self._last_boundary
         else:
@@ -694,6 +738,8 @@ class NetSenseState:
             bytes_in_flight=peak_in_flight(launch, end, rec.wire),
             rel_error=rel_error,
             residual_norm=self.feedback.norm() if self.error_feedback else 0.0,
+            update_error=update_error,
+            sign_flips=sign_flips,
             probe_wire_bytes=self._probe[0],
             probe_seconds=self._probe[1],
             bw_probe_wire_bytes=self._bw_probe[0],
@@ -702,6 +748,7 @@ class NetSenseState:
             bucket_seconds=seconds,
             mode_errors=[self._mode_errors.get(m, math.nan) for m in modes],
             mode_seconds_per_byte=[self._mode_cost.get(m, math.nan) for m in modes],
+            mode_update_errors=[self._shadow.errors.get(m, math.nan) for m in modes],
         )
 
 
@@ -755,12 +802,20 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
     layout = state._layout(bucket, buffer)
     group = state.process_group
 
+    params = bucket.parameters()
+    if not state._shadow.ready:
+        moments = state.second_moments
+        state._shadow.choose(moments.params if moments is not None and moments.params else params)
+    state._shadow.capture(params, bucket.gradients())
+    sample = state._sample(layout, buffer)
+    exact = sample.gather(buffer)  # this rank's gradient at the sampled coordinates, before any compression
+
     t0 = time.perf_counter()
     if codec.lossy:
+        old = state.feedback.residual(layout.index)
         # no residual from a wrapper's first step: DDP rebuilds its buckets after it (see `warmup_steps`)
         if state.error_feedback and state.step > state._plain_until - state.warmup_steps:
-            # grad + residual in the residual's memory, and the new residual formed in place: no full-size
-            # allocation per bucket (each cost more than the arithmetic: page faults)
+            compensated = exact if old is None or old.shape != buffer.shape else exact + sample.gather(old)
             if state.feedback.residual(layout.index) is None:
                 rec.cold = True
             grad = state.feedback.compensate(layout.index, buffer)
@@ -771,12 +826,22 @@ def netsense_hook(state: NetSenseState, bucket: dist.GradBucket) -> torch.future
                 lambda c: codec.subtract_sent_(c, payload, ctx, layout),
                 lambda r2: codec.residual_sq_norm(r2, payload, ctx, layout),
             )
+            new = state.feedback.residual(layout.index)
+            # what this rank sent = compensated gradient - new residual (none kept: a non-finite step)
+            sent = compensated - sample.gather(new) if new is not None else None
+            target = compensated
         else:
             payload, ctx = codec.compress(buffer, layout, **decision.options)
-            err2, ref2 = _error_terms(buffer, codec.decompress(payload, ctx, layout))
+            own = codec.decompress(payload, ctx, layout)
+            err2, ref2 = _error_terms(buffer, own)
+            sent = sample.gather(own)
+            target = exact
         if math.isfinite(err2) and math.isfinite(ref2):
             rec.err2 += err2
             rec.ref2 += ref2
+        if sent is not None:
+            terms = sample.step(exact, sent, sample.preconditioner(params, state.second_moments), target)
+            rec.update_terms = terms if rec.update_terms is None else rec.update_terms + terms
     else:
         payload, ctx = codec.compress(buffer, layout, **decision.options)
     payload = payload.contiguous()

@@ -140,6 +140,9 @@ class CodecProfile:
         rel_error_cold: ``rel_error`` was measured in a step where error feedback had no residual yet (the
             mode's first step after plain or warm-up steps): the residual that error feedback carries over has
             not built up, so the error is optimistic.
+        update_error: last measured error of the update the optimizer applies (mean over ranks; see
+            :mod:`~lightning_netsense.update_error`), ``None`` if never measured. Measured while the mode runs, and
+            for the other candidates on a window of this step's real gradients without sending them.
     """
 
     mode: str
@@ -150,6 +153,7 @@ class CodecProfile:
     seconds_per_byte: float = 0.0
     rel_error_age: int = 0
     rel_error_cold: bool = False
+    update_error: float | None = None
 
     @property
     def total_payload_bytes(self) -> int:
@@ -180,6 +184,8 @@ class Observation:
     residual_norm: float
     link: LinkEstimate
     codecs: Mapping[str, CodecProfile] = field(default_factory=dict)
+    update_error: float = 0.0
+    sign_flips: float = 0.0
 
     @property
     def compression_ratio(self) -> float:
@@ -201,6 +207,9 @@ class LocalObservation:
         bytes_in_flight: largest number of wire bytes outstanding at once.
         rel_error: relative compression error of this step, over all buckets.
         residual_norm: norm of the error-feedback memory after this step.
+        update_error: error of the update the optimizer applies, this step (see
+            :mod:`~lightning_netsense.update_error`; 0 for plain DDP).
+        sign_flips: fraction of sampled coordinates whose sent gradient has the opposite sign of the exact one.
         probe_wire_bytes: wire bytes of the previous agreement collective (a tiny, latency-only sample).
         probe_seconds: its duration (0 when there was none).
         bw_probe_wire_bytes: wire bytes of the previous bandwidth probe (see ``NetSenseState``), 0 if none.
@@ -220,6 +229,8 @@ class LocalObservation:
     bytes_in_flight: float = 0.0
     rel_error: float = 0.0
     residual_norm: float = 0.0
+    update_error: float = 0.0
+    sign_flips: float = 0.0
     probe_wire_bytes: float = 0.0
     probe_seconds: float = 0.0
     bw_probe_wire_bytes: float = 0.0
@@ -228,6 +239,7 @@ class LocalObservation:
     bucket_seconds: list[float] = field(default_factory=list)
     mode_errors: list[float] = field(default_factory=list)
     mode_seconds_per_byte: list[float] = field(default_factory=list)
+    mode_update_errors: list[float] = field(default_factory=list)
 
 
 _SCALARS = (
@@ -240,6 +252,8 @@ _SCALARS = (
     "bytes_in_flight",
     "rel_error",
     "residual_norm",
+    "update_error",
+    "sign_flips",
     "probe_wire_bytes",
     "probe_seconds",
     "bw_probe_wire_bytes",
@@ -252,7 +266,7 @@ SAMPLE_SLOTS = 64
 #: Mode slots in the shared vector (the codec registry is far smaller).
 MODE_SLOTS = 16
 _HEADER = 3
-PACKED_SIZE = _HEADER + len(_SCALARS) + 2 * SAMPLE_SLOTS + 2 * MODE_SLOTS
+PACKED_SIZE = _HEADER + len(_SCALARS) + 2 * SAMPLE_SLOTS + 3 * MODE_SLOTS
 
 
 def _merge_samples(nbytes: Sequence[float], seconds: Sequence[float], slots: int) -> tuple[list[float], list[float]]:
@@ -274,7 +288,8 @@ def pack_local(local: LocalObservation) -> torch.Tensor:
     ``all_gather`` and then fail with a clear error, instead of hanging in a collective of mismatched sizes.
     """
     nb, nm = len(local.bucket_wire_bytes), len(local.mode_errors)
-    if len(local.bucket_seconds) != nb or len(local.mode_seconds_per_byte) != nm:
+    updates = local.mode_update_errors or [math.nan] * nm
+    if len(local.bucket_seconds) != nb or len(local.mode_seconds_per_byte) != nm or len(updates) != nm:
         raise ValueError("Expected per-bucket and per-mode lists of matching lengths")
     if nm > MODE_SLOTS:
         raise ValueError(f"Expected at most {MODE_SLOTS} modes, but got {nm}")
@@ -286,6 +301,7 @@ def pack_local(local: LocalObservation) -> torch.Tensor:
     values += sb + pad_s + ss + pad_s
     values += [float(x) for x in local.mode_errors] + pad_m
     values += [float(x) for x in local.mode_seconds_per_byte] + pad_m
+    values += [float(x) for x in updates] + pad_m
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -317,6 +333,8 @@ def unpack_locals(gathered: torch.Tensor, world_size: int) -> list[LocalObservat
         kwargs["mode_errors"] = row[i : i + nm]
         i += MODE_SLOTS
         kwargs["mode_seconds_per_byte"] = row[i : i + nm]
+        i += MODE_SLOTS
+        kwargs["mode_update_errors"] = row[i : i + nm]
         out.append(LocalObservation(**kwargs))
     return out
 
@@ -344,6 +362,8 @@ class AgreedMeasurements:
     bytes_in_flight: float
     rel_error: float
     residual_norm: float
+    update_error: float
+    sign_flips: float
     probe_wire_bytes: float
     probe_seconds: float
     bw_probe_wire_bytes: float
@@ -352,6 +372,7 @@ class AgreedMeasurements:
     bucket_seconds: tuple[float, ...]
     mode_errors: tuple[float, ...]
     mode_seconds_per_byte: tuple[float, ...]
+    mode_update_errors: tuple[float, ...] = ()
 
 
 def combine_locals(locals_: Sequence[LocalObservation]) -> AgreedMeasurements:
@@ -376,6 +397,8 @@ def combine_locals(locals_: Sequence[LocalObservation]) -> AgreedMeasurements:
         bytes_in_flight=max(o.bytes_in_flight for o in locals_),
         rel_error=_nanmean([o.rel_error for o in locals_]),
         residual_norm=math.sqrt(_nanmean([o.residual_norm**2 for o in locals_])),
+        update_error=math.sqrt(_nanmean([o.update_error**2 for o in locals_])),
+        sign_flips=_nanmean([o.sign_flips for o in locals_]),
         probe_wire_bytes=max(o.probe_wire_bytes for o in locals_),
         probe_seconds=min(o.probe_seconds for o in locals_),
         bw_probe_wire_bytes=max(o.bw_probe_wire_bytes for o in locals_),
@@ -384,4 +407,7 @@ def combine_locals(locals_: Sequence[LocalObservation]) -> AgreedMeasurements:
         bucket_seconds=tuple(min(o.bucket_seconds[b] for o in locals_) for b in range(nb)),
         mode_errors=tuple(_nanmean([o.mode_errors[m] for o in locals_]) for m in range(nm)),
         mode_seconds_per_byte=tuple(_nanmax([o.mode_seconds_per_byte[m] for o in locals_]) for m in range(nm)),
+        mode_update_errors=tuple(
+            _nanmean([(o.mode_update_errors or [math.nan] * nm)[m] for o in locals_]) for m in range(nm)
+        ),
     )

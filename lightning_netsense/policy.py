@@ -35,10 +35,11 @@ class Policy(ABC):
     def decide(self, observation: Observation) -> Decision:
         """Return the decision for the next step. Must depend on ``observation`` and own state only."""
 
-    def first_decision(self, allowed: Sequence[Decision]) -> Decision:
+    def first_decision(self, allowed: Sequence[Decision], world_size: int) -> Decision:
         """Decision for the first step of a DDP wrapper (a new or resumed run), before anything is measured.
 
-        One of ``allowed`` or plain DDP. It runs without error feedback (DDP has not rebuilt its buckets yet; a
+        One of ``allowed`` or plain DDP; ``world_size`` is the number of ranks (it decides which collective is
+        cheaper). It runs without error feedback (DDP has not rebuilt its buckets yet; a
         codec's per-bucket state is rebuilt with them). Where the state probes the link and the policy uses the
         estimate, ``allowed`` holds every candidate: a step of kilobytes (PowerSGD) is then measured by probes at
         the next boundaries, and :attr:`LinkEstimate.vouched` says when they have. Otherwise it holds plain DDP
@@ -113,7 +114,7 @@ class FixedPolicy(Policy):
     def decide(self, observation: Observation) -> Decision:
         return self.decision
 
-    def first_decision(self, allowed: Sequence[Decision]) -> Decision:
+    def first_decision(self, allowed: Sequence[Decision], world_size: int) -> Decision:
         return self._if_allowed(allowed)
 
     def warmup_decision(self, observation: Observation, allowed: Sequence[Decision]) -> Decision:

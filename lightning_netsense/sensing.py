@@ -343,8 +343,16 @@ class LinkEstimator:
         # largest sample ever seen, and the bandwidth of the last window whose payloads were comparable to it
         self._ref_bytes = 0.0
         self._held_bandwidth: float | None = None
+        # the newest step's samples are provisional (see `update`)
+        self._provisional = False
 
-    def update(self, nbytes: Sequence[float], seconds: Sequence[float], reference: float | None = None) -> None:
+    def update(
+        self,
+        nbytes: Sequence[float],
+        seconds: Sequence[float],
+        reference: float | None = None,
+        provisional: bool = False,
+    ) -> None:
         """Add one step's samples; samples with no bytes or non-finite values are ignored.
 
         Args:
@@ -353,9 +361,14 @@ class LinkEstimator:
             reference: wire bytes of the largest *dense* payload of the current layout (the hook passes its
                 largest bucket). Samples are compared with it for ``vouch_fraction``; without it, the largest
                 sample ever seen is the reference (DDP's first-step buckets differ from the rebuilt ones).
+            provisional: the step's samples stand only until the next step's arrive, and never vouch: a process
+                group's first collectives also pay its set-up (connections, buffers, TCP's slow start).
         """
         if len(nbytes) != len(seconds):
             raise ValueError(f"Expected as many sizes as times, but got {len(nbytes)} and {len(seconds)}")
+        if self._provisional and self._steps:
+            self._steps.pop()
+        self._provisional = provisional
         keep = [
             (float(b), float(s))
             for b, s in zip(nbytes, seconds)
@@ -388,7 +401,7 @@ class LinkEstimator:
             self._ref_bytes = float(reference)
         if largest > 0 and reference is None:
             self._ref_bytes = max(self._ref_bytes, largest)
-        if self.vouches(max(self._steps[-1][0], default=0.0)):
+        if not provisional and self.vouches(max(self._steps[-1][0], default=0.0)):
             # only a step that itself moved a vouching payload updates the held estimate: recomputed at every
             # step while an old vouching sample aged in the window, it followed the small payloads' burst-fed
             # rates (49 Mbit/s on a 20 Mbit/s link, 7 steps after the probe that had measured 19.6)
@@ -409,6 +422,11 @@ class LinkEstimator:
         if est.bandwidth > held:
             return dataclasses.replace(est, bandwidth=held)
         return est
+
+    @property
+    def provisional(self) -> bool:
+        """Whether the newest step's samples are provisional (see :meth:`update`)."""
+        return self._provisional
 
     @property
     def vouched(self) -> bool:
@@ -503,6 +521,7 @@ class LinkEstimator:
         self._held_alpha = None
         self._ref_bytes = 0.0
         self._held_bandwidth = None
+        self._provisional = False
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (loads with ``torch.load(weights_only=True)``)."""

@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_netsense.adaptive import NetSensePolicy
 from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.policy import Policy
+from lightning_netsense.update_error import SecondMoments
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -134,6 +135,13 @@ class NetSenseStrategy(DDPStrategy):
     def netsense_state(self) -> NetSenseState | None:
         """The hook's state in this process (``None`` until the model is wrapped by DDP in ``fit``)."""
         return self._netsense_state
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if self._netsense_state is not None:
+            # the optimizers' moments: the update error is measured with the optimizer's own statistics
+            self._netsense_state.second_moments = SecondMoments(self.optimizers)
 
     @override
     def _register_ddp_hooks(self) -> None:

@@ -183,7 +183,7 @@ class _PlainFirstFp16(ln.FixedPolicy):
     def __init__(self) -> None:
         super().__init__(mode="fp16")
 
-    def first_decision(self, allowed):
+    def first_decision(self, allowed, world_size):
         return ln.Decision("none")
 
 
