@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -17,6 +20,15 @@ from torch import Tensor
 from torch.nn.parallel.distributed import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_netsense._validation import (
+    check_bool,
+    check_choice,
+    check_instance,
+    check_int,
+    check_number,
+    check_timedelta,
+    refuse,
+)
 from lightning_netsense.adaptive import NetSensePolicy
 from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.policy import Policy
@@ -26,11 +38,26 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-__all__ = ["NetSenseStrategy"]
+__all__ = ["DEFAULT_TIMEOUT", "NetSenseStrategy"]
 
 log = logging.getLogger(__name__)
 
 _CHECKPOINT_KEY = "netsense"
+
+#: Failure-detection budget: the process-group timeout :class:`NetSenseStrategy` uses unless ``timeout=`` is given.
+#: See the strategy's ``timeout`` argument and ``docs/faults.md``.
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+_START_METHODS = ("popen", "spawn", "fork", "forkserver")
+# DistributedDataParallel flags that also take None (torch 2.13: "bool or None", default None)
+_DDP_OPTIONAL_FLAGS = ("broadcast_buffers", "forward_sync_buffers")
+# DistributedDataParallel keywords this strategy cannot pass on, and why
+_DDP_REFUSED = {
+    "module": "Lightning wraps the LightningModule itself",
+    "device_ids": "Lightning sets them from the Trainer's devices",
+    "process_group": "the hook averages over the world group, and process groups exist only once the ranks run",
+    "device_mesh": "the hook averages over the world group, and device meshes exist only once the ranks run",
+}
 
 
 class NetSenseStrategy(DDPStrategy):
@@ -49,21 +76,37 @@ class NetSenseStrategy(DDPStrategy):
             rebuilds its buckets after step 1); see :class:`~lightning_netsense.NetSenseState`.
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
-        bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default of 25).
+        bucket_cap_mb: DDP bucket size in MiB, a finite number > 0 (``None``: DDP's default of 25).
         gradient_as_bucket_view: passed to ``DistributedDataParallel``.
         start_method: ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``, as for DDP.
-        process_group_backend: ``"gloo"``, ``"nccl"``, ... (default: by device).
-        timeout: process group timeout.
-        \**kwargs: any other ``DistributedDataParallel`` keyword.
+        process_group_backend: a backend torch knows (``"gloo"``, ``"nccl"``, ``"mpi"``, ``"ucc"``, ...; one a
+            plugin registers is known once the plugin is imported), ``"device:backend,..."`` pairs of them, or
+            ``None`` (by device: gloo on CPU, NCCL on CUDA).
+        timeout: the failure-detection budget: how long a rank waits in one collective (or barrier) before it
+            raises, a ``datetime.timedelta`` > 0. The default, :data:`DEFAULT_TIMEOUT` (5 minutes, where Lightning's
+            ``DDPStrategy`` and torch's gloo default wait 30), bounds how long a dead or frozen rank, or a dead
+            link, stalls every other rank before all of them raise; a rank that dies outright is usually seen at
+            once (its sockets close). The budget must exceed the longest stall you want to survive: TCP backs off
+            exponentially while a link is down, so an outage stalls a collective for up to about twice its length
+            (a 20 s outage stalled one step 26.6 s); 5 minutes survives outages up to about 100 s. It also bounds
+            work one rank does while the others wait at a barrier: ``prepare_data`` on rank 0 (a dataset download)
+            and checkpoint writes. Raise it for those (``timeout=timedelta(minutes=30)``); ``None`` leaves it to
+            torch (30 minutes for gloo, 10 for NCCL). What happens in each case: ``docs/faults.md``.
+        \**kwargs: any other ``DistributedDataParallel`` keyword (checked against its signature; bool flags must be
+            bools).
 
     Raises:
-        ValueError: if a communication hook, state or wrapper of your own is passed (this strategy owns the
-            hook), or an argument is out of range.
+        ValueError: if an argument is of the wrong type or out of range (naming it); if a communication hook,
+            state or wrapper of your own is passed (this strategy owns the hook); for a keyword that
+            ``DistributedDataParallel`` does not accept, or one that cannot work with this strategy:
+            ``model_averaging_period`` (post-local SGD averages through a hook state of its own),
+            ``device_ids``, ``process_group``, ``device_mesh``.
 
     Example::
 
         import lightning_netsense  # registers "netsense_ddp" and friends
         trainer = Trainer(accelerator="cpu", devices=2, strategy="netsense_ddp")
+        trainer = Trainer(strategy=NetSenseStrategy(timeout=timedelta(minutes=30)))  # long prepare_data
     """
 
     strategy_name = "netsense_ddp"
@@ -79,7 +122,7 @@ class NetSenseStrategy(DDPStrategy):
         gradient_as_bucket_view: bool = False,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -103,11 +146,24 @@ class NetSenseStrategy(DDPStrategy):
                 )
         if policy is None:
             policy = NetSensePolicy()
+        # Everything is checked here, in the main process, before any rank starts: DDP and gloo would otherwise
+        # fail 10-20 s later in every rank, with messages that do not name the argument.
+        check_bool("find_unused_parameters", find_unused_parameters)
+        check_bool("static_graph", static_graph)
+        check_bool("gradient_as_bucket_view", gradient_as_bucket_view)
+        check_number("bucket_cap_mb", bucket_cap_mb, low=0, low_open=True, allow_none=True, why="MiB")
+        check_choice("start_method", start_method, _START_METHODS)
+        _check_backend(process_group_backend)
+        check_timedelta("timeout", timeout, allow_none=True)
+        check_instance("accelerator", accelerator, Accelerator, allow_none=True)
+        _check_devices(parallel_devices)
+        check_instance("cluster_environment", cluster_environment, ClusterEnvironment, allow_none=True)
+        check_instance("checkpoint_io", checkpoint_io, CheckpointIO, allow_none=True)
+        check_instance("precision_plugin", precision_plugin, Precision, allow_none=True)
+        kwargs = _check_ddp_kwargs(kwargs)
         if bucket_cap_mb is not None:
-            if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb <= 0:
-                raise ValueError(f"Expected `bucket_cap_mb` to be a number > 0 or None, but got {bucket_cap_mb!r}")
             kwargs["bucket_cap_mb"] = bucket_cap_mb
-        # Validates policy, error_feedback and warmup_steps now, in the main process, with a clear message.
+        # Validates policy, error_feedback and warmup_steps now, with the state's own messages.
         self._netsense_config = {"policy": policy, "error_feedback": error_feedback, "warmup_steps": warmup_steps}
         NetSenseState(**self._netsense_config)
         super().__init__(
@@ -216,3 +272,72 @@ class NetSenseStrategy(DDPStrategy):
                 description=f"Network-sensing compressed DDP with `start_method` '{start_method}'",
                 start_method=start_method,
             )
+
+
+def _known_backends() -> tuple[str, ...]:
+    """Backends torch knows now (its own and those plugins have registered), lower case."""
+    if not torch.distributed.is_available():
+        return ()
+    return tuple(b for b in torch.distributed.Backend.backend_list if b != "undefined")
+
+
+def _check_backend(value: Any) -> None:
+    if value is None:
+        return
+    known = _known_backends()
+    accepted = f"one of {', '.join(repr(b) for b in known)}, 'device:backend' pairs of them joined by ',', or None"
+    why = "a backend a plugin registers is known once the plugin is imported"
+    if not isinstance(value, str):
+        raise refuse("process_group_backend", accepted, value, why)
+    parts = value.lower().split(",")
+    if len(parts) > 1 and not all(":" in part for part in parts):
+        raise refuse("process_group_backend", accepted, value, why)
+    if not all(part.split(":", 1)[-1].strip() in known for part in parts):
+        raise refuse("process_group_backend", accepted, value, why)
+
+
+def _check_devices(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise refuse("parallel_devices", "a list of torch.device or None", value)
+    for i, device in enumerate(value):
+        check_instance(f"`parallel_devices` item {i}", device, torch.device, what="a torch.device")
+
+
+def _check_ddp_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Refuse what ``DistributedDataParallel`` would refuse (or this strategy cannot honour), before ranks start.
+
+    Returns ``kwargs`` without the refused keywords given as ``None`` (their default: ``device_ids=None`` passed on
+    would collide with the ``device_ids`` Lightning gives DDP).
+    """
+    if kwargs.get("model_averaging_period") is not None:
+        raise ValueError(
+            f"NetSenseStrategy cannot average models: `model_averaging_period` must not be given, but got "
+            f"{kwargs['model_averaging_period']!r}. Post-local SGD averaging runs through a communication hook state "
+            "of its own (PostLocalSGDState), and this strategy owns the hook; use DDPStrategy("
+            "ddp_comm_state=PostLocalSGDState(...), ddp_comm_hook=post_localSGD_hook, model_averaging_period=...)."
+        )
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    accepted = [n for n in params if n != "self" and n not in _DDP_REFUSED]
+    for name, value in kwargs.items():
+        # None is the default of each refused keyword, and LightningCLI passes every default it finds
+        if value is None and (name in _DDP_REFUSED or name == "model_averaging_period"):
+            continue
+        if name in _DDP_REFUSED:
+            raise ValueError(
+                f"NetSenseStrategy cannot pass `{name}` to DistributedDataParallel: {_DDP_REFUSED[name]}; but got "
+                f"{value!r}"
+            )
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise ValueError(
+                f"Unknown keyword `{name}`: NetSenseStrategy passes keywords it does not take itself to "
+                f"DistributedDataParallel, which accepts {', '.join(accepted)}.{hint}"
+            )
+        if isinstance(params[name].default, bool) or (name in _DDP_OPTIONAL_FLAGS and value is not None):
+            check_bool(name, value, why="a DistributedDataParallel flag")
+    if "dim" in kwargs:
+        check_int("dim", kwargs["dim"])
+    return {k: v for k, v in kwargs.items() if not (v is None and k in _DDP_REFUSED)}
