@@ -43,6 +43,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--control", default="", help="folder where the test writes resume_<step>")
     p.add_argument("--pause-timeout", type=float, default=60.0)
     p.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, s (the failure budget)")
+    p.add_argument("--straggle", type=float, default=0.0, help="seconds this rank sleeps before each forward")
     return p.parse_args(argv)
 
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             tx0, rx0 = _counters(args.ifname)
             t0 = time.time()
             opt.zero_grad(set_to_none=True)
+            if args.straggle:
+                time.sleep(args.straggle)  # a slower rank: its buckets reach the collectives late
             state.begin_backward()
             loss = nn.functional.mse_loss(ddp(x), y)
             loss.backward()

@@ -1,4 +1,5 @@
-"""Link outages on a kernel-shaped link (root, network namespaces): survived within the budget, fatal beyond it.
+"""Faults of the link on a kernel-shaped link (root, network namespaces): outages survived within the budget and
+fatal beyond it; one-way shaping and a straggling rank change nothing in what the ranks agree on.
 
 The failure-detection budget is the process-group timeout (``NetSenseStrategy(timeout=...)``; the ranks here run
 plain DDP with ``netsense_hook`` from ``tests/shaped_worker.py`` and get it through ``--timeout``). While the link
@@ -107,3 +108,42 @@ def test_outage_beyond_the_budget_makes_every_rank_raise(shaping, tmp_path):
     print(f"\nranks exited {out['exit_after'][0]:.1f} s and {out['exit_after'][1]:.1f} s after the cut (budget {budget:g} s)")
     names = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout.split()
     assert not [n for n in names if n.startswith(f"nsl{os.getpid()}x")]
+
+
+def test_one_way_shaping_and_a_straggler_keep_decisions_and_replicas_identical(shaping, tmp_path):
+    """Rank 1's egress at 20 Mbit/s, rank 0's at 1 Gbit/s, and rank 1 50 ms late into every step: each rank measures
+    its own link differently, and the agreement at the boundary must still give both the same decisions."""
+    steps = 12
+    outs = [str(tmp_path / f"rank{r}.jsonl") for r in (0, 1)]
+    errs = [open(tmp_path / f"rank{r}.err", "w") for r in (0, 1)]
+    procs = []
+    with ShapedLink(rate_mbit=1000) as link:
+        # one direction only: the tbf on rank 1's end, with the same burst (changing it can wedge the link)
+        subprocess.run(["tc", "-n", link.netns(1), "qdisc", "change", "dev", link.ifname(1), "root", "tbf",
+                        "rate", "20000kbit", "burst", str(link.burst_bytes), "latency", f"{link.latency_ms:g}ms"],
+                       check=True, capture_output=True)
+        try:
+            for r in (0, 1):
+                cmd = [sys.executable, WORKER, "--rank", str(r), "--master-addr", link.address(0),
+                       "--ifname", link.ifname(r), "--out", outs[r], "--steps", str(steps), "--timeout", "60",
+                       "--policy", "netsense", "--straggle", "0.05" if r == 1 else "0", *_MODEL]
+                procs.append(link.popen(r, cmd, stdout=errs[r], stderr=subprocess.STDOUT))
+            codes = [p.wait(timeout=150) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=30)
+            for f in errs:
+                f.close()
+    assert codes == [0, 0], _tails(tmp_path)
+    records = [read_lines(o) for o in outs]
+    steps_of = [[e for e in rs if e["event"] == "step"] for rs in records]
+    assert len(steps_of[0]) == len(steps_of[1]) == steps
+    assert [e["decision"] for e in steps_of[0]] == [e["decision"] for e in steps_of[1]]
+    assert [e["mode"] for e in steps_of[0]] == [e["mode"] for e in steps_of[1]]
+    done = [next(e for e in rs if e["event"] == "done") for rs in records]
+    assert done[0]["params_sha256"] == done[1]["params_sha256"], "the replicas diverged"
+    # the two directions really differ: what each rank's own collectives measured (before the agreement)
+    print("\nmodes:", [e["mode"] for e in steps_of[0]],
+          "\nagreed estimate (Mbit/s):", [f"{e['bandwidth_mbit']:.0f}" for e in steps_of[0]])
