@@ -87,9 +87,10 @@ class NetSensePolicy(Policy):
 
     Hysteresis: a *more* compressing mode is adopted once ``confirm`` observations in a row ask for it; a *less*
     compressing one only after it has fitted with ``margin`` (budget and tolerance scaled by ``1 - margin``)
-    for ``patience`` consecutive steps. A relaxation undone within ``patience + 2`` steps doubles the patience of
-    the next one, up to ``max_patience`` (back to ``patience`` once a relaxation holds): a link that only looks
-    fast for small payloads (a token bucket's burst) is probed ever more rarely. One slow step alone never reverts
+    for ``patience`` consecutive steps. A relaxation undone within ``patience + 2`` steps, or undone later without
+    its mode ever having fitted with margin, doubles the patience of the next one, up to ``max_patience`` (back to
+    ``patience`` once the relaxed mode fits with margin on its own measurements): a link that only looks fast for
+    small payloads (a token bucket's burst) is probed ever more rarely. One slow step alone never reverts
     a relaxation: on a loaded machine a scheduler stall looks the same as a slow link.
 
     A run's first step (and a resumed run's) is decided before anything is measured: ``first_mode``, by default a
@@ -207,6 +208,8 @@ class NetSensePolicy(Policy):
         self._escalate = 0
         # the last decision held a compressed mode because nothing had vouched for the link yet
         self._held = False
+        # the last relaxation has not yet fitted with margin on its own mode's measurements (see `decide`)
+        self._unconfirmed = False
 
     def _options(self, mode: str) -> dict[str, float]:
         if mode == "topk":
@@ -326,7 +329,7 @@ class NetSensePolicy(Policy):
             self._escalate += 1
             if current_ok and self._escalate < self.confirm and not self._urgent(observation, profiles[current]):
                 return self._decisions[self._mode]
-            if current_ok and in_probation:  # the last relaxation was a mistake: probe less often
+            if current_ok and (in_probation or self._unconfirmed):  # the last relaxation was a mistake
                 self._patience_now = min(2 * self._patience_now, self.max_patience)
             self._switch(target)
             return self._decisions[self._mode]
@@ -334,8 +337,16 @@ class NetSensePolicy(Policy):
         # No revert on one measured step alone: a single slow collective is as often a scheduler stall as a slow
         # link (seen on a loaded 2-core machine: 0.11 s for 1 MB at 1 Gbit/s). The step's samples go through the
         # estimator's weighted median like any other; a really slow link turns the rule above within two steps.
-        if in_probation and self._probation == 0:  # the last relaxation held: back to the base patience
-            self._patience_now = self.patience
+        if self._unconfirmed and self._probation <= self.patience + 1:
+            # The last relaxation holds only once its mode fits with margin on its own measurements (two steps
+            # after it, the estimator's window holds its payloads): then back to the base patience. A compressed
+            # mode's payloads inside a shaper's burst read as a fast link, the relaxed mode's larger ones do not;
+            # a relaxation that only lasted, without fitting with margin, and is undone later still doubles the
+            # patience. Simulated (85 k parameters, 50 Mbit/s, 128 KB burst, a borderline overlap budget), none
+            # and fp16 alternated every 4-26 steps for 300 steps when 8 steps without a revert counted as held.
+            if order.index(self.choose(observation, strict=True)) <= order.index(current):
+                self._unconfirmed = False
+                self._patience_now = self.patience
         if order.index(target) < order.index(current):
             strict = self.choose(observation, strict=True)
             if order.index(strict) < order.index(current):
@@ -349,6 +360,7 @@ class NetSensePolicy(Policy):
                     self._switch(self._streak_target)
                     # the estimator needs two steps to confirm a drop: count a revert within patience + 2 steps
                     self._probation = self.patience + 3
+                    self._unconfirmed = True
                 return self._decisions[self._mode]
         self._streak, self._streak_target = 0, None
         return self._decisions[self._mode]
@@ -393,6 +405,7 @@ class NetSensePolicy(Policy):
         self._escalate = 0
         self._streak, self._streak_target = 0, None
         self._probation = 0
+        self._unconfirmed = False
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -405,6 +418,7 @@ class NetSensePolicy(Policy):
             "escalate": self._escalate,
             "relaxed_from": self._relaxed_from,
             "held": self._held,
+            "unconfirmed": self._unconfirmed,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -419,6 +433,7 @@ class NetSensePolicy(Policy):
         relaxed_from = state.get("relaxed_from")
         self._relaxed_from = str(relaxed_from) if relaxed_from in self.modes else None
         self._held = bool(state.get("held", False))
+        self._unconfirmed = bool(state.get("unconfirmed", False))
 
     def __repr__(self) -> str:
         return (
