@@ -67,7 +67,7 @@ class NetSenseStrategy(DDPStrategy):
             link, stalls every other rank before all of them raise; a rank that dies outright is usually seen at
             once (its sockets close). The budget must exceed the longest stall you want to survive: TCP backs off
             exponentially while a link is down, so an outage stalls a collective for up to about twice its length
-            (a 20 s outage stalled one step 26.6 s); 5 minutes survives outages up to about 100 s. It also bounds
+            (a 20 s outage stalled one step 26.6 s); 5 minutes survives outages up to about 150 s. It also bounds
             work one rank does while the others wait at a barrier: ``prepare_data`` on rank 0 (a dataset download)
             and checkpoint writes. Raise it for those (``timeout=timedelta(minutes=30)``); ``None`` leaves it to
             torch (30 minutes for gloo, 10 for NCCL). What happens in each case: ``docs/faults.md``.
