@@ -1,8 +1,8 @@
 """Low-rank compression in the spirit of PowerSGD, with one allreduce per bucket.
 
 torch's PowerSGD needs two collectives per bucket (``P = M Q``, then ``Q = M^T P`` after orthogonalising the
-summed ``P``); the second, issued from a callback, hangs or mismatches on gloo with several buckets (see
-``DESIGN.md``). This codec issues one, and runs the two halves of the power iteration on alternate steps. Per
+summed ``P``); the second, issued from a callback, hangs or mismatches on gloo with several buckets. This codec
+issues one, and runs the two halves of the power iteration on alternate steps. Per
 matrix ``M`` (a gradient reshaped to ``(shape[0], prod(shape[1:]))``) every rank keeps the same orthonormal
 factors ``P`` (``n x r``) and ``Q`` (``m x r``):
 
@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize
 
 from lightning_netsense.codecs.base import BucketLayout, Codec
 
@@ -101,9 +100,18 @@ def _plan(layout: BucketLayout, rank: int) -> _Plan:
 
 
 def _orthonormal(matrices: Tensor) -> Tensor:
-    """Orthonormalised copy of a batch ``(b, rows, r)`` with torch's PowerSGD routine (Gram-Schmidt or QR)."""
+    """Orthonormalised copy of a batch ``(b, rows, r)``: Gram-Schmidt on the columns, as torch's PowerSGD does.
+
+    A zero or non-finite column gives NaN rather than an error (no data-dependent branch, nothing waits for the
+    device); :func:`_advance` keeps the previous factor then.
+    """
     out = matrices.clone(memory_format=torch.contiguous_format)  # the halves arrive as transposed views
-    _orthogonalize(out, epsilon=0)
+    for i in range(out.shape[2]):
+        col = out[:, :, i : i + 1]
+        col.div_(torch.linalg.vector_norm(col, dim=1, keepdim=True))
+        if i + 1 < out.shape[2]:
+            rest = out[:, :, i + 1 :]
+            rest.sub_(col * (col * rest).sum(dim=1, keepdim=True))
     return out
 
 
@@ -195,17 +203,17 @@ class PowerSGDCodec(Codec):
         _rebuild(payload, state.plan, left, p, q, layout.numel, out=compensated.view(-1), subtract=True)
         return compensated
 
-    def residual_sq_norm(self, ref2: float, payload: Tensor, ctx: Any, layout: BucketLayout) -> float | None:
+    def residual_sq_norm(self, ref2: Tensor, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor | None:
         # Per matrix the half A = M Q (or B = M^T P) projects on orthonormal factors, so M - A Q^T is orthogonal to
         # what was sent and ||M - A~ Q^T||^2 = ||M||^2 - ||A||^2 + ||A - A~||^2 (A~: A rounded to the payload's
         # dtype); uncompressed entries are sent as they are, up to the same rounding. Summed over the payload
         # ``p`` (float32) and what was sent ``p~``: ``||c||^2 - ||p||^2 + ||p - p~||^2``, from a payload of a few
         # hundred kB instead of a pass over the bucket.
         exact = ctx[4]
-        err2 = ref2 - float(torch.linalg.vector_norm(exact)) ** 2
+        err2 = ref2 - torch.linalg.vector_norm(exact).square()
         if payload.dtype != exact.dtype:
-            err2 += float(torch.linalg.vector_norm(exact - payload.float())) ** 2
-        return max(err2, 0.0)
+            err2 = err2 + torch.linalg.vector_norm(exact - payload.float()).square()
+        return err2.clamp_min(0.0)
 
     def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         return self.aggregate_into(collected, ctx, layout, None)
@@ -290,7 +298,4 @@ def _rebuild(
 def _advance(half: Tensor, previous: Tensor) -> Tensor:
     """The next warm-start factor: ``orth(half)`` where that is a valid orthonormal basis, else ``previous``."""
     new = _orthonormal(half)
-    ok = _valid(new)
-    if bool(ok.all()):
-        return new
-    return torch.where(ok[:, None, None], new, previous)
+    return torch.where(_valid(new)[:, None, None], new, previous)
