@@ -12,10 +12,8 @@ factors ``P`` (``n x r``) and ``Q`` (``m x r``):
 
 Both halves are linear in ``M``, so the allreduce sum gives the projection of the *mean* gradient exactly, and
 ``||mean(M) - g|| <= ||mean(M)||``. The factors are built from allreduced values only, so they stay identical on
-every rank with no extra communication, and they warm-start the next step. Measured against torch's two-stage
-maths (``benchmarks/codec_bench.py``): at equal bytes per step (rank ``2r`` here vs ``r`` there) the error is
-lower, both on a fixed matrix and along real gradients with error feedback. A two-sided variant (send ``M Q`` and
-``M^T P`` together) was measured too: it spends torch's bytes for torch's rank-``r`` error, so alternation won.
+every rank with no extra communication, and they warm-start the next step. At equal bytes per step (rank ``2r``
+here against ``r`` in torch's two-stage maths) the error is lower (``benchmarks/codec_bench.py`` compares them).
 
 The initial factors come from a seeded generator (identical on every rank). A factor is replaced only by a
 valid orthonormal one: a non-finite or zero half (an AMP overflow, a frozen layer) keeps the previous factor, so
@@ -129,9 +127,9 @@ class PowerSGDCodec(Codec):
             where ``(n + m) r > n m`` are sent uncompressed.
         bits: 32 (float32 payload, torch's PowerSGD) or 16 (bfloat16: half the bytes). The factors, the
             orthogonalisation and the rebuilt gradient stay float32; only the payload is rounded, and error
-            feedback carries the rounding into the next step (it is about 0.3 % of an element, against the
-            0.4-0.9 relative error of the low-rank projection). bfloat16, not float16: a half's elements are
-            products of gradients with orthonormal factors, whose magnitudes float16's range does not bound.
+            feedback carries the rounding into the next step (it is small against the low-rank projection's own
+            error). bfloat16, not float16: a half's elements are products of gradients with orthonormal factors,
+            whose magnitudes float16's range does not bound.
     """
 
     name = "powersgd"
@@ -173,9 +171,8 @@ class PowerSGDCodec(Codec):
             rows = group.n if state.left else group.m
             for j, off in enumerate(group.offsets):
                 # each matrix's half straight into its slice of the payload: no stacked copy of the gradients.
-                # The half travels transposed, (r, rows): on CPU (MKL, one thread) the products with the thin
-                # factor on the left are 3-14x faster than with it on the right - measured on a 1024 x 1024
-                # gradient at rank 4: M^T P 6.4 ms, (P^T M) 0.47 ms; M Q 1.6 ms, (Q^T M^T) 0.58 ms
+                # The half travels transposed, (r, rows): on CPU the products with the thin factor on the left
+                # are several times faster than with it on the right
                 mat = flat[off : off + size].view(group.n, group.m)
                 target = payload[pos : pos + rows * rank].view(rank, rows)
                 if state.left:

@@ -88,8 +88,8 @@ class TopKCodec(Codec):
         # private: the sample must not advance the training's global RNG (it would change shuffling/dropout)
         self._generator = torch.Generator().manual_seed(0x70F)
         # |x| of the bucket being compressed, reused across buckets and steps (the hook compresses one bucket at a
-        # time, on the autograd thread). A fresh full-size tensor per call cost more than the arithmetic on CPU:
-        # 25 ms against 7 ms for `abs` of a 7.2 M-element bucket of the ResNet-18-sized CNN (page faults).
+        # time, on the autograd thread). A fresh full-size tensor per call costs more than the arithmetic on CPU
+        # (page faults of the new allocation).
         self._magnitude: Tensor | None = None
 
     def _abs(self, flat: Tensor) -> Tensor:
