@@ -267,20 +267,13 @@ class NetSensePolicy(Policy):
         shrink = 1.0 - self.margin if strict else 1.0
         budget = self.slack * max(obs.overlap_time, 0.0) * shrink
         base = max(obs.step_time - obs.exposed_comm_time, obs.backward_time, 0.0)
-        # Time per unit of training progress, not per step: a step whose gradient carries relative error e
-        # makes about 1 - e^2 of a plain step's progress (the part of the update that is the true gradient).
-        # Measured on the digits benchmark at 1 Gbit/s: top-k 1 % ran 1.3x faster per step than fp16 but took
-        # 4.9x longer to reach 90 %; step time alone chose it. A mode whose communication hides under the
-        # budget costs `base / efficiency`, so the least lossy mode that fits is still the choice when one does.
-        # Only the transfer hides under the backward pass: the codec's compute shares the core (CPU) or the
-        # stream (CUDA) with it. Priced as hideable, PowerSGD's 8 ms per digits step at 1 Gbit/s hid under the
-        # 6 ms budget and its steps were predicted at 30 ms where they took 38; NetSense ran it over int8 on
-        # 83-95 % of the steps (95 % at step 60, against 35-50 for int8).
+        # Time per unit of training progress, not per step: a step of update error e makes about 1 - e^2 of an
+        # exact step's progress, so a mode whose communication hides under the budget costs `base / efficiency`,
+        # and the least lossy mode that fits is still the choice when one does. Only the transfer hides under the
+        # backward pass: the codec's compute shares the core (CPU) or the stream (CUDA) with it.
         step = {m: base + profiles[m].seconds_per_byte * dense + max(0.0, wire[m] - budget) for m in eligible}
         # Trust the progress model only so far: never pay more than `max_slowdown` times the fastest candidate's
-        # step for a lower per-step error. 1 - e^2 matched the digits benchmark (top-k 1 %: 5.3x predicted, 4.9x
-        # measured), but error feedback re-sends what a step left out, and on the ResNet-18-sized CNN at
-        # 100 Mbit/s it chose int8 with 1.1 s of exposed communication per 0.5 s step over PowerSGD.
+        # step for a lower per-step error (error feedback re-sends what a step left out).
         fastest = min(step.values())
         bound = self.max_slowdown if max_slowdown is None else max_slowdown
         if math.isfinite(bound):  # (inf * a free step would be nan, and rule every mode out)
@@ -305,10 +298,9 @@ class NetSensePolicy(Policy):
         target = self.choose(observation)
         ran = observation.decision.mode
         if not observation.link.vouched and ran != "none" and ran in profiles:
-            # The estimate rests on payloads too small to measure the link, and probes are measuring it: hold
-            # the compressed mode that ran. A compressed first step's kilobytes pass a shaper's burst at line rate
-            # (relaxing on that costs a 4 s dense step at 20 Mbit/s), and a stall of a few milliseconds on them
-            # reads as a slow link (seen on loopback: top-k after a PowerSGD first step).
+            # The estimate rests on payloads too small to measure the link (or on a first step's, which also paid
+            # the process group's set-up): hold the compressed mode that ran. Small payloads pass a shaper's burst
+            # at line rate, and a stall of a few milliseconds on them reads as a slow link.
             if self._mode != ran:
                 self._switch(ran)
             self._held = True
@@ -335,15 +327,14 @@ class NetSensePolicy(Policy):
             return self._decisions[self._mode]
         self._escalate = 0
         # No revert on one measured step alone: a single slow collective is as often a scheduler stall as a slow
-        # link (seen on a loaded 2-core machine: 0.11 s for 1 MB at 1 Gbit/s). The step's samples go through the
-        # estimator's weighted median like any other; a really slow link turns the rule above within two steps.
+        # link. The step's samples go through the estimator's weighted median like any other; a really slow link
+        # turns the rule above within two steps.
         if self._unconfirmed and self._probation <= self.patience + 1:
             # The last relaxation holds only once its mode fits with margin on its own measurements (two steps
             # after it, the estimator's window holds its payloads): then back to the base patience. A compressed
             # mode's payloads inside a shaper's burst read as a fast link, the relaxed mode's larger ones do not;
             # a relaxation that only lasted, without fitting with margin, and is undone later still doubles the
-            # patience. Simulated (85 k parameters, 50 Mbit/s, 128 KB burst, a borderline overlap budget), none
-            # and fp16 alternated every 4-26 steps for 300 steps when 8 steps without a revert counted as held.
+            # patience.
             if order.index(self.choose(observation, strict=True)) <= order.index(current):
                 self._unconfirmed = False
                 self._patience_now = self.patience
@@ -376,17 +367,12 @@ class NetSensePolicy(Policy):
         return decision if decision in allowed else self._decisions["none"]
 
     def warmup_decision(self, observation: Observation, allowed: Sequence[Decision]) -> Decision:
-        """The rules' choice among ``allowed`` (stateless codecs), without hysteresis.
-
-        Measured at 20 Mbit/s: the two plain warm-up steps of the digits MLP took 8.4 s, 61 % of static
-        PowerSGD's whole time to accuracy. After the first step the link is measured, so the second can
-        already compress with a codec that keeps no per-bucket state.
-        """
+        """The rules' choice among ``allowed`` (codecs without per-bucket state), without hysteresis: after the
+        first step the link is measured, so a further warm-up step can already compress."""
         if observation.link.samples == 0:
             return self._decisions["none"]
-        # The first step's "step time" is its backward alone (no earlier boundary: the forward is unseen), so a
-        # step-time ratio against the fastest mode is inflated; measured at 1 Gbit/s on the digits MLP it ruled
-        # out fp16 for top-k. The progress model alone decides this one step.
+        # A first step's time may miss its forward (no boundary before it), which inflates a step-time ratio
+        # against the fastest mode: the progress model alone decides this one step.
         mode = self.choose(observation, allowed={d.mode for d in allowed}, max_slowdown=math.inf)
         return self._decisions[mode]
 

@@ -45,6 +45,8 @@ LOGGED_KEYS = (
     "netsense/backward_time_ms",
     "netsense/step_time_ms",
     "netsense/rel_error",
+    "netsense/update_error",
+    "netsense/sign_flips",
     "netsense/residual_norm",
 )
 #: Keys the monitor puts on the progress bar (``self.log(..., prog_bar=True, logger=False)``).
@@ -82,6 +84,8 @@ def observation_metrics(observation: Observation) -> dict[str, float]:
         "netsense/exposed_comm_ms": observation.exposed_comm_time * 1e3,
         "netsense/backward_time_ms": observation.backward_time * 1e3,
         "netsense/step_time_ms": observation.step_time * 1e3,
+        "netsense/update_error": observation.update_error,
+        "netsense/sign_flips": observation.sign_flips,
         "netsense/residual_norm": observation.residual_norm,
     }
     return {k: float(v) for k, v in values.items() if math.isfinite(v)}
@@ -116,6 +120,12 @@ class NetSenseMonitor(Callback):
     - ``netsense/rel_error`` — relative gradient error ``||g - g_hat|| / ||g||``, mean over ranks *and* over the
       steps since the last logged step (0 for steps in mode ``none``); aggregated across ranks with
       :class:`torchmetrics.aggregation.MeanMetric`.
+    - ``netsense/update_error`` — error of the step the optimizer takes from what was sent, against the step it
+      would take from the exact gradient, in the optimizer's own geometry (for Adam, with its second moments;
+      for SGD, the plain relative error; see :mod:`~lightning_netsense.update_error`): a step of update error
+      ``e`` makes about ``1 - e**2`` of an exact step's progress (0 for ``none``; root mean square over ranks).
+    - ``netsense/sign_flips`` — share of (sampled) coordinates sent with the opposite sign of the exact
+      gradient (mean over ranks).
     - ``netsense/residual_norm`` — norm of the error-feedback memory (root mean square over ranks).
 
     A value that is not finite is left out of that step (only the bandwidth, before anything was measured).

@@ -73,14 +73,12 @@ def probe_size(
     ``largest`` itself once four times ``previous`` is more than half of it. A
     shaper's burst also answers fast, so the size grows until the probe measures the sustained rate or reaches
     ``largest`` (the hook passes the size that vouches for a recovery, see :class:`LinkEstimator`). Growth by 4,
-    not 2: measured on the digits benchmark, a doubling ladder from 64 KB under a 5 % budget did not reach the
-    vouching size (2 MB) within an 8 s phase at 100 Mbit/s. Never the largest size straight away: on an
-    unmeasured link a whole bucket cost 1.9 s per probe at 20 Mbit/s.
+    not 2, so that a ladder reaches the vouching size within a few steps; never the largest size straight away,
+    which on a slow, unmeasured link costs seconds.
 
     A probe that answered ``slow`` (:func:`probe_answered_slow`) beyond a shaper's burst is followed by one of
-    ``largest``: a small probe may lower the estimate but cannot replace the last vouched one, and in the
-    digits benchmark the estimate kept 107 Mbit/s through a drop to 20 Mbit/s (each small probe read slow for
-    one step, then the window's small payloads passed in the burst again).
+    ``largest``: a small probe may lower the estimate but cannot replace the last vouched one, so a drop seen by
+    small probes alone would be forgotten as soon as the window's small payloads passed in a burst again.
     """
     if largest <= 0:
         return 0
@@ -91,7 +89,7 @@ def probe_size(
         size = _PROBE_GROWTH * previous
         if 2 * size > largest:
             # within a factor two of the vouching size: that size itself. A rung just below it costs nearly as
-            # much and vouches for nothing (at 20 Mbit/s on the digits MLP: 1 MB, 0.42 s, then 1.1 MB, 0.45 s)
+            # much and vouches for nothing
             size = largest
     elif math.isfinite(bandwidth):
         size = bandwidth * fraction * step_seconds * every
@@ -135,9 +133,8 @@ def probe_wait(
     progress. Such a chain is paid for after its last probe: the hook passes the chain's total ``seconds``.
 
     ``calm`` probes in a row answered as believed: the wait is at least ``every * 2**calm``, up to
-    :data:`CALM_FACTOR` times ``every`` and :data:`CALM_SECONDS` of steps (never below ``every``). Measured on
-    the CNN at 100 Mbit/s: a 0.5 MB probe every other step (0.03 s of 0.4 s steps, the whole 5 % budget) while
-    the estimate stayed at 98 Mbit/s for 40 steps.
+    :data:`CALM_FACTOR` times ``every`` and :data:`CALM_SECONDS` of steps (never below ``every``): on a steady
+    link, probing at the base rate would spend the whole budget confirming what is known.
     """
     if follow_up:
         return 1
@@ -293,8 +290,8 @@ class LinkEstimator:
         vouch_fraction: a window whose largest sample is below this fraction (in (0, 1]) of the largest
             sample ever seen may *lower* the bandwidth estimate but not raise it above the last estimate of a
             window that moved larger payloads. Small payloads pass a token bucket (a shaper's burst, a
-            switch buffer) at line rate: measured, PowerSGD's few kilobytes at 20 Mbit/s behind a 128 KB tbf
-            burst read as an infinite bandwidth, and the policy paid 4.3 s for the dense step that followed.
+            switch buffer) at line rate: a few kilobytes of PowerSGD behind a shaper read as an infinite
+            bandwidth, and relaxing on that estimate costs a dense step on the slow link.
 
     Raises:
         ValueError: if an argument is out of range.
@@ -322,8 +319,7 @@ class LinkEstimator:
         self.vouch_fraction = check_number("vouch_fraction", vouch_fraction, low=0, high=1, low_open=True)
         self._steps: deque[tuple[tuple[float, ...], tuple[float, ...]]] = deque(maxlen=window_steps)
         # fits of the window's steps with spread sizes, by (sizes, seconds): such a fit does not depend on the
-        # latency estimate, and refitting every step of the window at every compute() was most of end_step's
-        # own time (about 1 ms of a 50 ms digits step on this machine)
+        # latency estimate, and refitting every step of the window at every compute() dominated the boundary
         self._fits: dict[tuple[tuple[float, ...], tuple[float, ...]], tuple[float | None, float]] = {}
         # last latency fitted from a step with spread sizes: used once every such step has left the window
         self._held_alpha: float | None = None
@@ -366,8 +362,8 @@ class LinkEstimator:
         if before is not None and keep and math.isfinite(before.bandwidth):
             # A drop that cannot be a stall: this step is `fast_drop` times slower than the estimate *and* spent
             # at least `fast_drop_time` on the transfer. The older steps describe a link that is gone: drop them
-            # rather than wait for the median (each slow step costs 3.5 s for 8.8 MB at 20 Mbit/s; a scheduler
-            # stall costs milliseconds).
+            # rather than wait for the median (each slow step costs seconds on a slow link; a scheduler stall
+            # costs milliseconds).
             b_new, s_new = self._steps[-1]
             alpha = before.alpha
             newest = self._resolved_beta(b_new, s_new, alpha)
@@ -390,8 +386,8 @@ class LinkEstimator:
             self._ref_bytes = max(self._ref_bytes, largest)
         if not provisional and self.vouches(max(self._steps[-1][0], default=0.0)):
             # only a step that itself moved a vouching payload updates the held estimate: recomputed at every
-            # step while an old vouching sample aged in the window, it followed the small payloads' burst-fed
-            # rates (49 Mbit/s on a 20 Mbit/s link, 7 steps after the probe that had measured 19.6)
+            # step while an old vouching sample aged in the window, it would follow the small payloads' burst-fed
+            # rates
             self._held_bandwidth = self._window_estimate().bandwidth
 
     def compute(self) -> LinkEstimate:

@@ -10,7 +10,6 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
@@ -67,7 +66,7 @@ class NetSenseStrategy(DDPStrategy):
             link, stalls every other rank before all of them raise; a rank that dies outright is usually seen at
             once (its sockets close). The budget must exceed the longest stall you want to survive: TCP backs off
             exponentially while a link is down, so an outage stalls a collective for up to about twice its length
-            (a 20 s outage stalled one step 26.6 s); 5 minutes survives outages up to about 150 s. It also bounds
+            (see ``docs/faults.md``); 5 minutes survives outages up to about 150 s. It also bounds
             work one rank does while the others wait at a barrier: ``prepare_data`` on rank 0 (a dataset download)
             and checkpoint writes. Raise it for those (``timeout=timedelta(minutes=30)``); ``None`` leaves it to
             torch (30 minutes for gloo, 10 for NCCL). What happens in each case: ``docs/faults.md``.
@@ -179,19 +178,28 @@ class NetSenseStrategy(DDPStrategy):
             self._netsense_state.second_moments = SecondMoments(self.optimizers)
 
     @override
-    def _register_ddp_hooks(self) -> None:
-        # Lightning's DDPStrategy registers only when the root device is CUDA; we register on every device.
-        # The state is built here, in the worker, because it binds to the process group (see DESIGN.md: a
-        # process-group-bound state built in the parent fails to unpickle under spawn).
+    def configure_ddp(self) -> None:
+        # Lightning's DDPStrategy registers a communication hook only when the root device is CUDA; this one
+        # registers its own on every device. The state is built here, in the worker, because it binds to the
+        # process group (a process-group-bound state built in the parent fails to unpickle under spawn).
+        super().configure_ddp()
         assert isinstance(self.model, DistributedDataParallel)
         if self._netsense_state is None:
             self._netsense_state = NetSenseState(**self._netsense_config)
             if self._pending_state is not None:
                 self._netsense_state.load_state_dict(self._pending_state)
                 self._pending_state = None
-        _register_ddp_comm_hook(
-            model=self.model, ddp_comm_state=self._netsense_state, ddp_comm_hook=netsense_hook
-        )
+        log.debug("Registering DDP comm hook: netsense_hook")
+        self.model.register_comm_hook(state=self._netsense_state, hook=netsense_hook)
+
+    @override
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().optimizer_step(*args, **kwargs)
+        if self._netsense_state is not None:
+            # the optimizer step belongs to the training step's time; what runs between steps (validation,
+            # checkpoints) does not
+            self._netsense_state.end_optimizer_step()
+        return out
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:

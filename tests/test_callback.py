@@ -39,6 +39,8 @@ def _observation(mode="fp16", bandwidth=12.5e6, alpha=0.002, sent=500.0, dense=1
         bytes_in_flight=sent,
         rel_error=0.01,
         residual_norm=0.5,
+        update_error=0.2,
+        sign_flips=0.03,
         link=LinkEstimate(alpha=alpha, bandwidth=bandwidth, samples=3),
     )
 
@@ -66,6 +68,7 @@ def test_observation_metrics_units():
     assert m["netsense/backward_time_ms"] == pytest.approx(10.0)
     assert m["netsense/step_time_ms"] == pytest.approx(50.0)
     assert m["netsense/residual_norm"] == 0.5
+    assert m["netsense/update_error"] == 0.2 and m["netsense/sign_flips"] == 0.03
 
 
 def test_observation_metrics_unknown_mode_and_unmeasured_link():
@@ -311,7 +314,7 @@ def _drive(monitor: NetSenseMonitor, steps: int, trainer_every: int, epoch_every
     """Feed ``steps`` boundaries (errors 0.1, 0.2, ...) through the monitor's hooks with stand-in objects."""
     from types import SimpleNamespace
 
-    from lightning_netsense.observation import LocalObservation
+    from lightning_netsense.observation import Measurements
 
     logger = _RecordingLogger()
     state = SimpleNamespace(step=0, last_observation=None, last_local=None)
@@ -328,7 +331,7 @@ def _drive(monitor: NetSenseMonitor, steps: int, trainer_every: int, epoch_every
     for i in range(1, steps + 1):
         state.step, trainer.global_step = i, i
         state.last_observation = _observation(mode="fp16" if i > 2 else "none")
-        state.last_local = LocalObservation(rel_error=i / 10)
+        state.last_local = Measurements(rel_error=i / 10)
         monitor.on_train_batch_end(trainer, module, None, None, i - 1)
         monitor.on_train_batch_end(trainer, module, None, None, i - 1)  # no new boundary: ignored
         if epoch_every and i % epoch_every == 0:

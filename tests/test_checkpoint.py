@@ -43,8 +43,7 @@ def test_state_dict_round_trips_through_weights_only_load(tmp_path):
     state.step, state.decision = 2, Decision("fp16")
     state.mode_steps = {"none": 2}
     state.total_bytes_sent = state.total_dense_bytes = 3e5
-    # an error measured on an empty error-feedback residual stays marked as such across a resume
-    state._mode_errors, state._mode_error_step, state._mode_error_cold = {"fp16": 3e-4}, {"fp16": 1}, {"fp16"}
+    state.ledger.errors, state.ledger.costs = {"fp16": 3e-4}, {"fp16": 2e-9}
     torch.save({"netsense": state.state_dict()}, tmp_path / "s.ckpt")
     loaded = torch.load(tmp_path / "s.ckpt", weights_only=True)["netsense"]
 

@@ -148,7 +148,7 @@ def _hook_run(policy: Policy, steps: int, error_feedback: bool = True, inf_step:
             x[0, 0] = math.inf
         ddp.zero_grad()
         nn.functional.mse_loss(ddp(x), y).backward()
-        buckets = max(buckets, len(state._record.launch))
+        buckets = max(buckets, state.recorder.collectives)
         used = state.active_decision.mode
         state.end_step()
         residuals.append(len(state.feedback))

@@ -85,7 +85,7 @@ def _non_finite_step_under_a_skip(mode: str, bad: float, bad_step: int = 3, step
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     return {"skipped": skipped, "modes": modes, "residual_finite": residual_finite, "params": params,
             "resets": after["resets"] - before["resets"], "residuals_after_bad": after["residuals"],
-            "buckets": len(state._layouts)}
+            "buckets": len(state.ledger.layouts())}
 
 
 @pytest.mark.slow

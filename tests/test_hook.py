@@ -11,7 +11,10 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_netsense import Decision, FixedPolicy, NetSensePolicy, NetSenseState, Policy, netsense_hook
-from lightning_netsense.observation import LocalObservation
+from lightning_netsense.ledger import CodecLedger
+from lightning_netsense.observation import Measurements
+from lightning_netsense.probes import ProbeScheduler
+from lightning_netsense.sensing import probe_cap
 
 
 def _model() -> nn.Module:
@@ -36,7 +39,7 @@ def _hook_vs_exact_mean(mode: str, steps: int = 4) -> dict:
         x, y = _batch(dist.get_rank(), step)
         ddp.zero_grad()
         nn.functional.mse_loss(ddp(x), y).backward()
-        buckets = len(state._record.launch)
+        buckets = state.recorder.collectives
         used = state.active_decision.mode
         state.end_step()
         # exact mean: local gradients of an identical replica, averaged in float64
@@ -93,19 +96,18 @@ def _agree_on_injected(mismatch: bool = False) -> dict:
     state.step = state.warmup_steps  # past warm-up: the policy is consulted
     # the ranks saw different things: only rank 0 had a slow backward pass, and they timed the same
     # two collectives differently (rank 1 reached them early and also timed its wait)
-    local = LocalObservation(
+    extra = mismatch and rank == 1
+    local = Measurements(
         backward_time=1.0 if rank == 0 else 0.1,
         overlap_time=0.2 + rank,
         step_time=2.0 - rank,
         bytes_sent=1e6,
         rel_error=0.1 * (rank + 1),
-        bucket_wire_bytes=[1e6, 2e5] + ([1.0] if mismatch and rank == 1 else []),
-        bucket_seconds=[0.1, 0.03] if rank == 0 else [0.5, 0.2],
-        mode_errors=[math.nan] * len(state.codecs),
-        mode_seconds_per_byte=[1e-9 * (rank + 1)] * len(state.codecs),
+        bucket_wire_bytes=(1e6, 2e5) + ((1.0,) if extra else ()),
+        bucket_seconds=((0.1, 0.03) if rank == 0 else (0.5, 0.2)) + ((0.1,) if extra else ()),
+        mode_errors=(math.nan,) * len(state.codecs),
+        mode_seconds_per_byte=(1e-9 * (rank + 1),) * len(state.codecs),
     )
-    if mismatch and rank == 1:
-        local.bucket_seconds = local.bucket_seconds + [0.1]
     decision = state.decide_from(local)
     obs = state.last_observation
     return {
@@ -185,16 +187,15 @@ def _probing(probe_every: int, link_aware: bool = True, mode: str = "topk") -> d
     # how loaded the machine is (tested on its own in test_sensing)
     state = NetSenseState(policy=policy, probe_every=probe_every, probe_fraction=1.0)
     ddp.register_comm_hook(state, netsense_hook)
-    sizes, samples, cold = [], [], []
+    sizes, samples = [], []
     for step in range(10):
         x, y = _batch(dist.get_rank(), step)
         ddp.zero_grad()
         nn.functional.mse_loss(ddp(x), y).backward()
         state.end_step()
-        sizes.append(state._probe_bytes)
-        samples.append(state._bw_probe[0])
-        cold.append(state.last_observation.codecs[mode].rel_error_cold)
-    return {"sizes": sizes, "wire": samples, "estimator": state.estimator.state_dict(), "cold": cold,
+        sizes.append(state.probes.size)
+        samples.append(state.probes.last[0])
+    return {"sizes": sizes, "wire": samples, "estimator": state.estimator.state_dict(),
             "checkpoint": state.state_dict()}
 
 
@@ -219,72 +220,64 @@ def test_bandwidth_probe_runs_while_compressed_with_agreed_sizes(dist_pool):
     assert not any(w > 0 for w in half[0]["wire"])
 
 
-def test_an_error_measured_before_error_feedbacks_residual_built_up_is_marked_cold(dist_pool):
-    """Digits at 20 Mbit/s: top-k's first step with error feedback measured 0.57, then 0.73-0.75; the policy chose
-    top-k over PowerSGD on the first value for five steps (it then counts no lower than top-k's prior)."""
-    for out in dist_pool.run(_probing, 0):
-        # step 1 runs without error feedback (provisional buckets); step 2 is the first with it, on an empty
-        # residual: cold; from step 3 on the residual carries what earlier steps left out
-        assert out["cold"] == [False, True] + [False] * 8, out["cold"]
-        assert out["checkpoint"]["mode_error_cold"] == []
-
-
 _PAUSE = 0.25
 
 
-class _SlowBoundaries(NetSenseState):
-    """The calibration and every bandwidth probe take ``_PAUSE`` seconds more (as on a slow link)."""
+class _SlowLedger(CodecLedger):
+    """The calibration takes ``_PAUSE`` seconds more."""
 
-    def calibrate(self, layouts):
+    __slots__ = ()
+
+    def calibrate(self, *args, **kwargs):
         time.sleep(_PAUSE)
-        return super().calibrate(layouts)
+        return super().calibrate(*args, **kwargs)
 
-    def _probe_bandwidth(self, obs, fast, slow=False):
-        super()._probe_bandwidth(obs, fast, slow)
-        if self._bw_probe[1] > 0:
+
+class _SlowProbes(ProbeScheduler):
+    """Every bandwidth probe takes ``_PAUSE`` seconds more (as on a slow link)."""
+
+    __slots__ = ()
+
+    def run(self, *args, **kwargs):
+        super().run(*args, **kwargs)
+        if self.last[1] > 0:
             time.sleep(_PAUSE)
-            self._bw_probe = (self._bw_probe[0], self._bw_probe[1] + _PAUSE)
+            self.last = (self.last[0], self.last[1] + _PAUSE)
 
 
-def _slow_boundaries(mode: str = "topk") -> dict:
+def _slow_boundaries(mode: str = "topk", mark_steps: bool = True) -> dict:
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
     options = {"density": 0.01} if mode == "topk" else {}
-    state = _SlowBoundaries(policy=_LinkAware(mode=mode, **options), probe_every=2, probe_fraction=1.0)
+    state = NetSenseState(policy=_LinkAware(mode=mode, **options), probe_every=2, probe_fraction=1.0)
+    state.ledger, state.probes = _SlowLedger(), _SlowProbes(2, 1.0)
     ddp.register_comm_hook(state, netsense_hook)
-    step_times, probed, in_backward, at_boundary = [], [], [], []
+    step_times, probed, calibrated = [], [], []
     for step in range(6):
         x, y = _batch(dist.get_rank(), step)
         ddp.zero_grad()
-        state.begin_step()
-        was_calibrated = state._calibrated
+        if mark_steps:
+            state.begin_step()
+        was_calibrated = state.ledger.calibrated
         nn.functional.mse_loss(ddp(x), y).backward()
-        in_backward.append(state._calibrated and not was_calibrated)  # payloads in flight
-        was_calibrated = state._calibrated
         state.end_step()
-        at_boundary.append(state._calibrated and not was_calibrated)
+        calibrated.append(state.ledger.calibrated and not was_calibrated)
         step_times.append(state.last_observation.step_time)
-        probed.append(state._bw_probe[1] > 0)
-    return {"step_times": step_times, "probed": probed, "in_backward": in_backward, "at_boundary": at_boundary}
+        probed.append(state.probes.last[1] > 0)
+    return {"step_times": step_times, "probed": probed, "calibrated": calibrated}
 
 
 @pytest.mark.slow
-def test_a_boundarys_probe_is_not_counted_in_the_next_step_and_calibration_overlaps_a_long_transfer(dist_pool):
-    for out in dist_pool.run(_slow_boundaries):
-        # top-k's kilobytes take no time on the wire: calibrated once, at the first boundary, after the step's
-        # collectives were timed (under them it delayed their completion: PowerSGD's read as a 3 Mbit/s link) ...
-        assert out["in_backward"] == [False] * 6 and out["at_boundary"] == [True] + [False] * 5, out
-        # ... and no step carries it; the probe runs at the boundary before the first policy decision
-        assert out["probed"][0], out
-        # a step after a probing (or calibrating) boundary is timed without it: a probe inflated the step time
-        # that amortises it, and the policy priced every mode on such steps
-        for before, step_time in zip(out["probed"], out["step_times"]):
-            assert step_time < _PAUSE, (before, out["step_times"])
-    for out in dist_pool.run(_slow_boundaries, "int8"):
-        # a quarter of the bytes takes a while on a slow link: calibrated in the first step's backward, while its
-        # last payload is in flight, so that step carries it (at 20 Mbit/s it hid under 1.4 s of transfer)
-        assert out["in_backward"] == [True] + [False] * 5 and not any(out["at_boundary"]), out
-        assert out["step_times"][0] >= _PAUSE, out
+def test_a_boundarys_calibration_and_probe_are_not_counted_in_the_next_step(dist_pool):
+    for mark_steps in (True, False):
+        for out in dist_pool.run(_slow_boundaries, "topk", mark_steps):
+            # calibrated once, at the first boundary (the step before lossy modes may start), on one bucket
+            assert out["calibrated"] == [True] + [False] * 5, out
+            # the probe runs at the boundary before the first policy decision
+            assert out["probed"][0], out
+            # a step after a probing or calibrating boundary is timed without it: a probe inflated the step time
+            # that amortises it, and the policy priced every mode on such steps
+            assert all(t < _PAUSE for t in out["step_times"]), out
 
 
 def _first_steps(pause: float = 0.0, steps: int = 3, probe_every: int = 2, first_mode: str = "auto") -> dict:
@@ -307,9 +300,9 @@ def _first_steps(pause: float = 0.0, steps: int = 3, probe_every: int = 2, first
         step_times.append(state.last_observation.step_time)
         residuals.append(len(state.feedback))
         vouched.append(state.last_observation.link.vouched)
-        probes.append(state._bw_probe[0])
+        probes.append(state.probes.last[0])
     return {"used": used, "samples": samples, "residuals": residuals, "bytes": state.last_observation.bytes_sent,
-            "errors": dict(state._mode_errors), "step_times": step_times, "vouched": vouched, "probes": probes,
+            "errors": dict(state.ledger.errors), "step_times": step_times, "vouched": vouched, "probes": probes,
             "update_errors": {m: p.update_error for m, p in state.last_observation.codecs.items()}}
 
 
@@ -362,9 +355,9 @@ def _ladder() -> dict:
         state.begin_backward()
         loss.backward()
         state.end_step()
-        sizes.append(state._probe_bytes if state._bw_probe[1] > 0 else 0)
+        sizes.append(state.probes.size if state.probes.last[1] > 0 else 0)
         vouched.append(state.last_observation.link.vouched)
-        caps.append(state._probe_cap(state.last_observation))
+        caps.append(probe_cap(max(state.last_observation.bucket_bytes), state.estimator.vouch_fraction))
     return {"sizes": sizes, "vouched": vouched, "caps": caps}
 
 
@@ -419,3 +412,51 @@ def _bad_warmup() -> str:
 def test_a_warmup_decision_with_per_bucket_state_fails_clearly(dist_pool):
     for message in dist_pool.run(_bad_warmup):
         assert "warmup_decision" in message and "powersgd" in message and "fp16" not in message
+
+
+def _residual_across_a_plain_step() -> dict:
+    """int8 (error feedback keeps a residual), then plain DDP: the residual is folded into that step's gradient."""
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
+
+    class _Int8ThenPlain(FixedPolicy):
+        def decide(self, observation):
+            return Decision("int8") if observation.step < 3 else Decision("none")
+
+    state = NetSenseState(policy=_Int8ThenPlain(mode="int8"))
+    ddp.register_comm_hook(state, netsense_hook)
+    residuals, sent, grads = [], [], []
+    for step in range(6):
+        x, y = _batch(dist.get_rank(), step)
+        ddp.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        residual = sum(float(r.double().sum()) for r in state.feedback._residuals.values())
+        state.end_step()
+        residuals.append(len(state.feedback))
+        sent.append(float(sum(p.grad.double().sum() for p in model.parameters())))
+        # the local gradients of this step (what plain DDP would average)
+        ref = _model()
+        ref.load_state_dict(model.state_dict())
+        nn.functional.mse_loss(ref(x), y).backward()
+        local = torch.tensor(float(sum(p.grad.double().sum() for p in ref.parameters())), dtype=torch.float64)
+        grads.append(local)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.01 * p.grad
+    total = torch.stack(grads)
+    dist.all_reduce(total)
+    return {"residuals": residuals, "sent": sent, "exact": (total / dist.get_world_size()).tolist(),
+            "modes": dict(state.mode_steps)}
+
+
+@pytest.mark.slow
+def test_a_residual_is_delivered_by_the_next_plain_step(dist_pool):
+    """Error feedback owes what lossy steps left out: a plain step sends it with its gradient, and keeps none."""
+    for out in dist_pool.run(_residual_across_a_plain_step):
+        assert out["modes"] == {"int8": 4, "none": 2}
+        assert out["residuals"][1:4] == [out["residuals"][1]] * 3 and out["residuals"][1] > 0
+        assert out["residuals"][4:] == [0, 0]
+        # from the first step with error feedback (the first runs without: provisional buckets), what was sent adds
+        # up to the exact gradients: nothing is lost across the switch
+        assert sum(out["sent"][1:]) == pytest.approx(sum(out["exact"][1:]), rel=1e-5, abs=1e-7)
+        assert sum(out["sent"][1:4]) != pytest.approx(sum(out["exact"][1:4]), rel=1e-5, abs=1e-7)  # owed, then paid

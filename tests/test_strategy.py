@@ -99,7 +99,7 @@ def _lightning_fit(strategy_name: str, mode: str, max_steps: int, accumulate: in
             # the strategy's training_step marked the start of this step's forward (it times the first step)
             state = getattr(trainer.strategy, "netsense_state", None)
             if state is not None:
-                self.step_marked.append(state._record.t_step_start is not None)
+                self.step_marked.append(state.recorder.started)
 
     pl.seed_everything(7, verbose=False)
     if strategy_name == "ddp":

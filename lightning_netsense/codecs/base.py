@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 __all__ = ["BucketLayout", "Codec"]
@@ -26,25 +27,33 @@ class BucketLayout:
         numel: number of elements of the flat bucket.
         shapes: shape of each gradient in the bucket, in bucket order (low-rank codecs need them).
         world_size: number of ranks in the process group.
+        dtype: the bucket's element type (the parameters' gradients: float32, bfloat16 or float16).
     """
 
     index: int
     numel: int
     shapes: tuple[tuple[int, ...], ...]
     world_size: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the bucket."""
+        return torch.empty((), dtype=self.dtype).element_size()
 
 
 class Codec(ABC):
     """A gradient codec used by :func:`lightning_netsense.netsense_hook`.
 
     The hook calls, per bucket and step: :meth:`compress` on this rank's gradient (with the error-feedback
-    residual added), :meth:`decompress` on its own payload (what this rank actually contributed, for the
-    residual and the error), then one collective - ``all_reduce`` of the payload if :attr:`summable`, else
-    ``all_gather_into_tensor`` - and :meth:`aggregate` on the result, which must return the *average* of the
-    ranks' contributions as a flat tensor of ``layout.numel`` elements.
+    residual added: then float32, else the bucket itself, in the bucket's dtype), :meth:`subtract_sent_` to form
+    the new residual, then one collective - ``all_reduce`` of the payload if :attr:`summable`, else
+    ``all_gather_into_tensor`` - and :meth:`aggregate_into`, which writes the *average* of the ranks'
+    contributions into a flat float32 tensor of ``layout.numel`` elements.
 
     Gradients reach the hook unscaled by world size; averaging is the codec's job (dividing before a summing
-    collective keeps fp16 from overflowing).
+    collective keeps fp16 from overflowing). Codecs never wait for the device: statistics they return are
+    tensors, and no operation has an output whose size depends on the data.
 
     Subclasses set :attr:`name`, :attr:`summable`, :attr:`lossy` and :attr:`default_options`.
     """
@@ -103,14 +112,14 @@ class Codec(ABC):
         """
         return compensated.sub_(self.decompress(payload, ctx, layout).view_as(compensated))
 
-    def residual_sq_norm(self, ref2: float, payload: Tensor, ctx: Any, layout: BucketLayout) -> float | None:
+    def residual_sq_norm(self, ref2: Tensor, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor | None:
         """``||compensated - own contribution||^2`` from ``ref2 = ||compensated||^2`` and the payload, or ``None``.
 
         A codec whose contribution is an orthogonal projection of the compensated gradient knows the new residual's
         norm without a pass over it (Pythagoras: ``||c - s||^2 = ||c||^2 - ||s||^2`` when ``c - s`` is orthogonal to
         ``s``): top-k sends some entries exactly, PowerSGD projects on orthonormal factors. The hook then skips one
-        full-size norm per bucket and step (the error statistic). The default, ``None``, makes the hook measure
-        the residual.
+        full-size norm per bucket and step (the error statistic). ``ref2`` and the result are 0-dimensional
+        tensors on the bucket's device. The default, ``None``, makes the hook measure the residual.
         """
         return None
 
@@ -123,10 +132,11 @@ class Codec(ABC):
         """
 
     def aggregate_into(self, collected: Tensor, ctx: Any, layout: BucketLayout, out: Tensor) -> Tensor:
-        """:meth:`aggregate`, written into ``out`` (the bucket, ``layout.numel`` elements); returns ``out``.
+        """:meth:`aggregate`, written into ``out`` (float32, ``layout.numel`` elements); returns ``out``.
 
-        The hook calls this one. The default copies :meth:`aggregate`'s result (nothing when it already is
-        ``out``); codecs override it to write the average straight into the bucket without a full-size copy.
+        The hook calls this one (with the bucket itself where it is float32). The default copies :meth:`aggregate`'s
+        result (nothing when it already is ``out``); codecs override it to write the average straight into the
+        bucket without a full-size copy.
         """
         result = self.aggregate(collected, ctx, layout)
         if result.data_ptr() != out.data_ptr():

@@ -22,6 +22,11 @@ class _CastCodec(Codec):
         return layout.numel * torch.empty((), dtype=self.dtype).element_size()
 
     def compress(self, tensor: Tensor, layout: BucketLayout, **options: Any) -> tuple[Tensor, Any]:
+        if tensor.dtype == self.dtype:  # a bucket already in this precision: what plain DDP does
+            return tensor.reshape(-1).div(layout.world_size), None
+        return self._cast(tensor, layout)
+
+    def _cast(self, tensor: Tensor, layout: BucketLayout) -> tuple[Tensor, Any]:
         # Divide before the cast so that the sum of world_size halves cannot overflow where the mean would not;
         # written straight into the reduced-precision payload (no float32 temporary; same values, tested)
         payload = torch.empty(tensor.numel(), dtype=self.dtype, device=tensor.device)

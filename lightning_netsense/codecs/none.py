@@ -17,14 +17,14 @@ class NoneCodec(Codec):
     lossy = False
 
     def payload_bytes(self, layout: BucketLayout, **options: Any) -> int:
-        return layout.numel * 4
+        return layout.numel * layout.itemsize
 
     def compress(self, tensor: Tensor, layout: BucketLayout, **options: Any) -> tuple[Tensor, Any]:
         # Dividing before the sum (and in place, in the bucket buffer) reproduces DDP's own reducer bit for bit.
         return tensor.div_(layout.world_size), None
 
     def decompress(self, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
-        return payload * layout.world_size
+        return payload.float() * layout.world_size
 
     def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         return collected

@@ -1,8 +1,8 @@
 """Low-rank compression in the spirit of PowerSGD, with one allreduce per bucket.
 
 torch's PowerSGD needs two collectives per bucket (``P = M Q``, then ``Q = M^T P`` after orthogonalising the
-summed ``P``); the second, issued from a callback, hangs or mismatches on gloo with several buckets (see
-``DESIGN.md``). This codec issues one, and runs the two halves of the power iteration on alternate steps. Per
+summed ``P``); the second, issued from a callback, hangs or mismatches on gloo with several buckets. This codec
+issues one, and runs the two halves of the power iteration on alternate steps. Per
 matrix ``M`` (a gradient reshaped to ``(shape[0], prod(shape[1:]))``) every rank keeps the same orthonormal
 factors ``P`` (``n x r``) and ``Q`` (``m x r``):
 
@@ -12,10 +12,8 @@ factors ``P`` (``n x r``) and ``Q`` (``m x r``):
 
 Both halves are linear in ``M``, so the allreduce sum gives the projection of the *mean* gradient exactly, and
 ``||mean(M) - g|| <= ||mean(M)||``. The factors are built from allreduced values only, so they stay identical on
-every rank with no extra communication, and they warm-start the next step. Measured against torch's two-stage
-maths (``benchmarks/codec_bench.py``): at equal bytes per step (rank ``2r`` here vs ``r`` there) the error is
-lower, both on a fixed matrix and along real gradients with error feedback. A two-sided variant (send ``M Q`` and
-``M^T P`` together) was measured too: it spends torch's bytes for torch's rank-``r`` error, so alternation won.
+every rank with no extra communication, and they warm-start the next step. At equal bytes per step (rank ``2r``
+here against ``r`` in torch's two-stage maths) the error is lower (``benchmarks/codec_bench.py`` compares them).
 
 The initial factors come from a seeded generator (identical on every rank). A factor is replaced only by a
 valid orthonormal one: a non-finite or zero half (an AMP overflow, a frozen layer) keeps the previous factor, so
@@ -34,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize
 
 from lightning_netsense._validation import check_choice, check_int
 from lightning_netsense.codecs.base import BucketLayout, Codec
@@ -102,9 +99,18 @@ def _plan(layout: BucketLayout, rank: int) -> _Plan:
 
 
 def _orthonormal(matrices: Tensor) -> Tensor:
-    """Orthonormalised copy of a batch ``(b, rows, r)`` with torch's PowerSGD routine (Gram-Schmidt or QR)."""
+    """Orthonormalised copy of a batch ``(b, rows, r)``: Gram-Schmidt on the columns, as torch's PowerSGD does.
+
+    A zero or non-finite column gives NaN rather than an error (no data-dependent branch, nothing waits for the
+    device); :func:`_advance` keeps the previous factor then.
+    """
     out = matrices.clone(memory_format=torch.contiguous_format)  # the halves arrive as transposed views
-    _orthogonalize(out, epsilon=0)
+    for i in range(out.shape[2]):
+        col = out[:, :, i : i + 1]
+        col.div_(torch.linalg.vector_norm(col, dim=1, keepdim=True))
+        if i + 1 < out.shape[2]:
+            rest = out[:, :, i + 1 :]
+            rest.sub_(col * (col * rest).sum(dim=1, keepdim=True))
     return out
 
 
@@ -122,9 +128,9 @@ class PowerSGDCodec(Codec):
             where ``(n + m) r > n m`` are sent uncompressed.
         bits: 32 (float32 payload, torch's PowerSGD) or 16 (bfloat16: half the bytes). The factors, the
             orthogonalisation and the rebuilt gradient stay float32; only the payload is rounded, and error
-            feedback carries the rounding into the next step (it is about 0.3 % of an element, against the
-            0.4-0.9 relative error of the low-rank projection). bfloat16, not float16: a half's elements are
-            products of gradients with orthonormal factors, whose magnitudes float16's range does not bound.
+            feedback carries the rounding into the next step (it is small against the low-rank projection's own
+            error). bfloat16, not float16: a half's elements are products of gradients with orthonormal factors,
+            whose magnitudes float16's range does not bound.
     """
 
     name = "powersgd"
@@ -163,9 +169,8 @@ class PowerSGDCodec(Codec):
             rows = group.n if state.left else group.m
             for j, off in enumerate(group.offsets):
                 # each matrix's half straight into its slice of the payload: no stacked copy of the gradients.
-                # The half travels transposed, (r, rows): on CPU (MKL, one thread) the products with the thin
-                # factor on the left are 3-14x faster than with it on the right - measured on a 1024 x 1024
-                # gradient at rank 4: M^T P 6.4 ms, (P^T M) 0.47 ms; M Q 1.6 ms, (Q^T M^T) 0.58 ms
+                # The half travels transposed, (r, rows): on CPU the products with the thin factor on the left
+                # are several times faster than with it on the right
                 mat = flat[off : off + size].view(group.n, group.m)
                 target = payload[pos : pos + rows * rank].view(rank, rows)
                 if state.left:
@@ -193,17 +198,17 @@ class PowerSGDCodec(Codec):
         _rebuild(payload, state.plan, left, p, q, layout.numel, out=compensated.view(-1), subtract=True)
         return compensated
 
-    def residual_sq_norm(self, ref2: float, payload: Tensor, ctx: Any, layout: BucketLayout) -> float | None:
+    def residual_sq_norm(self, ref2: Tensor, payload: Tensor, ctx: Any, layout: BucketLayout) -> Tensor | None:
         # Per matrix the half A = M Q (or B = M^T P) projects on orthonormal factors, so M - A Q^T is orthogonal to
         # what was sent and ||M - A~ Q^T||^2 = ||M||^2 - ||A||^2 + ||A - A~||^2 (A~: A rounded to the payload's
         # dtype); uncompressed entries are sent as they are, up to the same rounding. Summed over the payload
         # ``p`` (float32) and what was sent ``p~``: ``||c||^2 - ||p||^2 + ||p - p~||^2``, from a payload of a few
         # hundred kB instead of a pass over the bucket.
         exact = ctx[4]
-        err2 = ref2 - float(torch.linalg.vector_norm(exact)) ** 2
+        err2 = ref2 - torch.linalg.vector_norm(exact).square()
         if payload.dtype != exact.dtype:
-            err2 += float(torch.linalg.vector_norm(exact - payload.float())) ** 2
-        return max(err2, 0.0)
+            err2 = err2 + torch.linalg.vector_norm(exact - payload.float()).square()
+        return err2.clamp_min(0.0)
 
     def aggregate(self, collected: Tensor, ctx: Any, layout: BucketLayout) -> Tensor:
         return self.aggregate_into(collected, ctx, layout, None)
@@ -288,7 +293,4 @@ def _rebuild(
 def _advance(half: Tensor, previous: Tensor) -> Tensor:
     """The next warm-start factor: ``orth(half)`` where that is a valid orthonormal basis, else ``previous``."""
     new = _orthonormal(half)
-    ok = _valid(new)
-    if bool(ok.all()):
-        return new
-    return torch.where(ok[:, None, None], new, previous)
+    return torch.where(_valid(new)[:, None, None], new, previous)
