@@ -518,3 +518,12 @@ def test_powersgd_options():
     assert {d.mode: d for d in NetSensePolicy().candidates()}["powersgd"].options == {"rank": 8, "bits": 16}
     with pytest.raises(ValueError, match="powersgd_bits"):
         NetSensePolicy(powersgd_bits=8)
+
+
+def test_the_state_dict_holds_only_what_is_read_back():
+    policy = NetSensePolicy(confirm=1, patience=2)
+    policy.decide(observe(20 * MBIT))
+    for _ in range(3):
+        policy.decide(observe(10_000 * MBIT))
+    assert set(policy.state_dict()) == {"mode", "streak", "streak_target", "patience_now", "probation", "escalate",
+                                        "held"}
