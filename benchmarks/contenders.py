@@ -146,7 +146,7 @@ def build(name: str, model: Any, torch_powersgd: bool = True, bucket_cap_mb: flo
         ddp.register_comm_hook(state, psgd.powerSGD_hook)
         return Contender(name, ddp, fixed_mode="powersgd(torch)", keep=[state])
 
-    from lightning_netsense import netsense_hook
+    from lightning_netsense.hook import netsense_hook
 
     state = hook_state(name)
     ddp.register_comm_hook(state, netsense_hook)
@@ -165,7 +165,8 @@ def skip_exchange_hook(state, bucket):  # unannotated: DDP checks real annotatio
 def hook_state(name: str) -> Any:
     """The :class:`NetSenseState` of a hook-based contender (``powersgd`` stand-in, ``topk``, ``aimd``,
     ``netsense``); it binds to the process group lazily, so building it needs none."""
-    from lightning_netsense import FixedPolicy, NetSenseState
+    from lightning_netsense import FixedPolicy
+    from lightning_netsense.hook import NetSenseState
 
     if name == "powersgd":
         policy = FixedPolicy(mode="powersgd", rank=4)

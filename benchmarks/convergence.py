@@ -95,7 +95,7 @@ def _train(
     from torch.nn.parallel import DistributedDataParallel as DDP
     from workloads import make_workload
 
-    from lightning_netsense import NetSenseState, netsense_hook
+    from lightning_netsense.hook import NetSenseState, netsense_hook
 
     work = make_workload(workload, rank, 2, seed=seed, **options)
     model = DDP(work.model, forward_sync_buffers=False)

@@ -32,7 +32,8 @@ def _rank(rank: int, port: int, mode: str, seed: int, steps: int, queue) -> None
     from torch.nn.parallel import DistributedDataParallel as DDP
     from workloads import loss_fn, make_workload
 
-    from lightning_netsense import Decision, NetSenseState, Policy, netsense_hook
+    from lightning_netsense import Decision, Policy
+    from lightning_netsense.hook import NetSenseState, netsense_hook
 
     later = Decision("powersgd", _OPTIONS["powersgd"])
     first = Decision(mode, _OPTIONS.get(mode, {}))

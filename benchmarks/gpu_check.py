@@ -36,7 +36,8 @@ _STEADY = 4
 
 
 def _run_mode(mode: str, dtype: torch.dtype, steps: int, size: int, device: torch.device) -> dict:
-    from lightning_netsense import FixedPolicy, NetSenseState, netsense_hook
+    from lightning_netsense import FixedPolicy
+    from lightning_netsense.hook import NetSenseState, netsense_hook
     from lightning_netsense.update_error import SecondMoments
 
     torch.manual_seed(0)

@@ -110,11 +110,12 @@ def _policy(mode: str):
 
 def main(argv: list[str] | None = None) -> float:
     import lightning_netsense as ln
+    from lightning_netsense.codecs import CODECS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2, help="CPU processes (default 2)")
     parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--mode", default="adaptive", help="'adaptive' (default) or a codec: " + ", ".join(ln.CODECS))
+    parser.add_argument("--mode", default="adaptive", help="'adaptive' (default) or a codec: " + ", ".join(CODECS))
     parser.add_argument("--logdir", default="lightning_logs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -201,9 +201,8 @@ class NetSensePolicy(Policy):
         self._streak = 0
         self._streak_target: str | None = None
         self._patience_now = self.patience
-        # steps left in which undoing the last relaxation counts as a failed relaxation, and the mode it left
+        # steps left in which undoing the last relaxation counts as a failed relaxation
         self._probation = 0
-        self._relaxed_from: str | None = None
         # consecutive observations asking for more compression than the current mode
         self._escalate = 0
         # the last decision held a compressed mode because nothing had vouched for the link yet
@@ -347,7 +346,6 @@ class NetSensePolicy(Policy):
                 else:  # keep the most lossy mode the streak has seen: it fitted on every step of the streak
                     self._streak_target = max(strict, self._streak_target, key=order.index)
                 if self._streak >= self._patience_now:
-                    self._relaxed_from = current
                     self._switch(self._streak_target)
                     # the estimator needs two steps to confirm a drop: count a revert within patience + 2 steps
                     self._probation = self.patience + 3
@@ -402,7 +400,6 @@ class NetSensePolicy(Policy):
             "patience_now": self._patience_now,
             "probation": self._probation,
             "escalate": self._escalate,
-            "relaxed_from": self._relaxed_from,
             "held": self._held,
             "unconfirmed": self._unconfirmed,
         }
@@ -416,8 +413,6 @@ class NetSensePolicy(Policy):
         self._patience_now = min(max(int(state.get("patience_now", self.patience)), self.patience), self.max_patience)
         self._probation = int(state.get("probation", 0))
         self._escalate = int(state.get("escalate", 0))
-        relaxed_from = state.get("relaxed_from")
-        self._relaxed_from = str(relaxed_from) if relaxed_from in self.modes else None
         self._held = bool(state.get("held", False))
         self._unconfirmed = bool(state.get("unconfirmed", False))
 

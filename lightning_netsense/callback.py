@@ -54,7 +54,7 @@ PROGRESS_BAR_KEYS = ("netsense_Mbps", "netsense_mode")
 
 
 def mode_code(mode: str) -> int:
-    """Numeric code of ``mode`` (:data:`~lightning_netsense.MODE_CODES`); ``-1`` for a mode outside that table."""
+    """Numeric code of ``mode`` (:data:`~lightning_netsense.observation.MODE_CODES`); ``-1`` for a mode outside that table."""
     return MODE_CODES.get(mode, -1)
 
 
@@ -107,7 +107,7 @@ class NetSenseMonitor(Callback):
     - ``netsense/latency_ms`` — estimated latency per collective (``alpha``), ms.
     - ``netsense/mode`` — mode the step ran in, as a number: 0 ``none`` (plain DDP), 1 ``fp16``, 2 ``bf16``,
       3 ``int8``, 4 ``powersgd``, 5 ``topk`` (higher = stronger compression, see
-      :data:`~lightning_netsense.MODE_CODES`); -1 for a mode of your own outside that table. Loggers whose
+      :data:`~lightning_netsense.observation.MODE_CODES`); -1 for a mode of your own outside that table. Loggers whose
       ``experiment`` has ``add_text`` (TensorBoard) also get the mode *name* as text under ``netsense/mode``,
       once each time it changes.
     - ``netsense/compression_ratio`` — plain-DDP wire bytes / bytes actually sent (1 for ``none``).

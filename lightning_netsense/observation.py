@@ -83,6 +83,9 @@ class Decision:
     def __reduce__(self):  # MappingProxyType does not pickle; the decision must (spawn start method)
         return (Decision, (self.mode, dict(self.options)))
 
+    def __hash__(self) -> int:  # MappingProxyType is not hashable: hash the options' items
+        return hash((self.mode, tuple(sorted(self.options.items()))))
+
 
 @dataclass(frozen=True)
 class LinkEstimate:

@@ -42,7 +42,7 @@ class NetSenseStrategy(DDPStrategy):
     r"""Data-parallel training that compresses gradients only as much as the network forces it to.
 
     A :class:`~lightning.pytorch.strategies.DDPStrategy` whose gradient buckets go through
-    :func:`~lightning_netsense.netsense_hook`, on CPU/gloo as on CUDA/NCCL (Lightning's own DDP strategy
+    :func:`~lightning_netsense.hook.netsense_hook`, on CPU/gloo as on CUDA/NCCL (Lightning's own DDP strategy
     registers communication hooks on CUDA only). After each synchronising backward pass the ranks agree on
     what they measured and the ``policy`` picks the next step's mode, identically on every rank.
 
@@ -51,7 +51,7 @@ class NetSenseStrategy(DDPStrategy):
             adaptive policy; ``FixedPolicy()`` gives plain DDP through the hook).
         error_feedback: add what lossy codecs did not send to the next step.
         warmup_steps: steps at the start in which only codecs without per-bucket state may run (>= 1: DDP
-            rebuilds its buckets after step 1); see :class:`~lightning_netsense.NetSenseState`.
+            rebuilds its buckets after step 1); see :class:`~lightning_netsense.hook.NetSenseState`.
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
         bucket_cap_mb: DDP bucket size in MiB, a finite number > 0 (``None``: DDP's default of 25).
@@ -231,8 +231,9 @@ class NetSenseStrategy(DDPStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # passed through as given: Lightning 2.5 takes the path alone, 2.6 also `weights_only`
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         state = checkpoint.get(_CHECKPOINT_KEY)
         if state is not None:
             if self._netsense_state is not None:

@@ -547,3 +547,12 @@ def test_closed_loop_relaxations_a_burst_fed_estimate_justified_back_off():
     clone = NetSensePolicy()
     clone.load_state_dict(policy.state_dict())
     assert clone.state_dict() == policy.state_dict()
+
+
+def test_the_state_dict_holds_only_what_is_read_back():
+    policy = NetSensePolicy(confirm=1, patience=2)
+    policy.decide(observe(20 * MBIT))
+    for _ in range(3):
+        policy.decide(observe(10_000 * MBIT))
+    assert set(policy.state_dict()) == {"mode", "streak", "streak_target", "patience_now", "probation", "escalate",
+                                        "held", "unconfirmed"}

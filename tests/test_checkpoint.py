@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lightning_netsense as ln
-from lightning_netsense import Decision, NetSenseState, Policy
+from lightning_netsense import Decision, Policy
+from lightning_netsense.hook import NetSenseState
 from lightning_netsense.callback import NetSenseMonitor
 
 

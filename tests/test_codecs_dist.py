@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_netsense import Decision, FixedPolicy, NetSenseState, NetSenseStrategy, Policy, netsense_hook
+from lightning_netsense import Decision, FixedPolicy, NetSenseStrategy, Policy
+from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.codecs import CODECS, BucketLayout
 
 LOSSY = ("int8", "topk", "powersgd")

@@ -28,7 +28,7 @@ def _train(name: str, steps: int = STEPS) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from workloads import make_workload
 
-    from lightning_netsense import NetSenseState, netsense_hook
+    from lightning_netsense.hook import NetSenseState, netsense_hook
     from lightning_netsense.update_error import SecondMoments
 
     work = make_workload("gpt", dist.get_rank(), dist.get_world_size(), seed=0, **_OPTIONS)

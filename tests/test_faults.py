@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_netsense import FixedPolicy, NetSenseState, netsense_hook
+from lightning_netsense import FixedPolicy
+from lightning_netsense.hook import NetSenseState, netsense_hook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -200,7 +202,9 @@ def test_frozen_rank_makes_the_survivor_raise_once_the_budget_has_passed(tmp_pat
     assert out["code"] not in (None, 0), f"the survivor did not fail (exit {out['code']}):\n{out['tails']}"
     # detected by the timeout given through NetSenseStrategy(timeout=...): not before it, not long after it
     assert _BUDGET_S - 1 <= out["seconds"] < _BUDGET_S + _SLACK_S, f"{out['seconds']:.1f} s:\n{out['tails']}"
-    assert "timeout" in out["log"].lower(), out["tails"]
+    # gloo's words depend on where the rank waits: "Timed out waiting 10000ms for recv operation to complete",
+    # "Application timeout caused pair closure"
+    assert re.search(r"timed out|timeout", out["log"], re.IGNORECASE), out["tails"]
     assert out["alive"] == [False, False]
 
 

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_netsense import Decision, FixedPolicy, NetSensePolicy, NetSenseState, Policy, netsense_hook
+from lightning_netsense import Decision, FixedPolicy, NetSensePolicy, Policy
+from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.ledger import CodecLedger
 from lightning_netsense.observation import Measurements
 from lightning_netsense.probes import ProbeScheduler

@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_netsense import FixedPolicy, NetSenseState, netsense_hook
+from lightning_netsense import FixedPolicy
+from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.codecs import BucketLayout
 from lightning_netsense.ledger import CodecLedger
 from lightning_netsense.observation import Decision

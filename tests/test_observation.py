@@ -27,6 +27,8 @@ def test_wire_byte_formulas():
 
 def test_decision_is_immutable_hashable_and_pickles():
     d = Decision("topk", {"density": 0.01})
+    assert hash(d) == hash(Decision("topk", {"density": 0.01})) and len({d, Decision("topk", {"density": 0.01})}) == 1
+    assert {Decision("fp16"): 1}[Decision("fp16")] == 1  # usable as a key
     assert d.key == "topk(density=0.01)"
     assert pickle.loads(pickle.dumps(d)) == d
     assert Decision.from_dict(d.to_dict()) == d

@@ -2,7 +2,8 @@
 
 import pytest
 
-from lightning_netsense import CODECS, Decision, FixedPolicy, Policy
+from lightning_netsense import Decision, FixedPolicy, Policy
+from lightning_netsense.codecs import CODECS
 
 
 def test_fixed_policy_always_returns_its_decision():

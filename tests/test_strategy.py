@@ -7,7 +7,8 @@ import torch
 from lightning.pytorch import Trainer
 
 import lightning_netsense as ln
-from lightning_netsense import FixedPolicy, NetSenseState, NetSenseStrategy
+from lightning_netsense import FixedPolicy, NetSenseStrategy
+from lightning_netsense.hook import NetSenseState
 
 
 @pytest.mark.parametrize(
@@ -185,3 +186,22 @@ def test_spawn_start_method_trains(tmp_path):
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert trainer.state.finished
     assert not torch.equal(before, after), "weights came back from the spawned ranks unchanged"
+
+
+def test_load_checkpoint_passes_lightning_25s_signature_through(tmp_path, monkeypatch):
+    """Lightning 2.5's ``Strategy.load_checkpoint`` takes the path alone (2.6 added ``weights_only``)."""
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_netsense import NetSenseStrategy
+
+    path = tmp_path / "c.ckpt"
+    torch.save({"netsense": {"step": 3}}, path)
+
+    def load_25(self, checkpoint_path):  # the 2.5 signature
+        return torch.load(checkpoint_path, weights_only=True)
+
+    monkeypatch.setattr(DDPStrategy, "load_checkpoint", load_25)
+    strategy = NetSenseStrategy()
+    assert strategy.load_checkpoint(path) == {"netsense": {"step": 3}}
+    assert strategy._pending_state == {"step": 3}  # applied once the state exists (in the worker)

@@ -14,16 +14,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from lightning_netsense import (
-    AIMDPolicy,
-    Decision,
-    FixedPolicy,
-    LinkEstimator,
-    NetSenseMonitor,
-    NetSensePolicy,
-    NetSenseState,
-    NetSenseStrategy,
-)
+from lightning_netsense import AIMDPolicy, Decision, FixedPolicy, NetSenseMonitor, NetSensePolicy, NetSenseStrategy
 from lightning_netsense._validation import (
     check_bool,
     check_choice,
@@ -35,6 +26,8 @@ from lightning_netsense._validation import (
     refuse,
 )
 from lightning_netsense.codecs import Int8Codec, PowerSGDCodec, TopKCodec
+from lightning_netsense.hook import NetSenseState
+from lightning_netsense.sensing import LinkEstimator
 from lightning_netsense.strategy import DEFAULT_TIMEOUT
 
 NAN, INF = math.nan, math.inf

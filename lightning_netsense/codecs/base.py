@@ -43,7 +43,7 @@ class BucketLayout:
 
 
 class Codec(ABC):
-    """A gradient codec used by :func:`lightning_netsense.netsense_hook`.
+    """A gradient codec used by :func:`lightning_netsense.hook.netsense_hook`.
 
     The hook calls, per bucket and step: :meth:`compress` on this rank's gradient (with the error-feedback
     residual added: then float32, else the bucket itself, in the bucket's dtype), :meth:`subtract_sent_` to form
