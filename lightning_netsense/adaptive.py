@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
+from lightning_netsense._validation import check_choice, check_int, check_mapping, check_number
 from lightning_netsense.codecs import CODECS
 from lightning_netsense.observation import MODE_CODES, CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
 from lightning_netsense.policy import Policy
@@ -40,14 +42,6 @@ def predicted_wire_time(profile: CodecProfile, link: LinkEstimate, world_size: i
     """Seconds one step's collectives take on the link in ``profile``'s mode: ``sum over buckets of (alpha +
     wire_bytes / B)`` (the part of :func:`predicted_comm_time` that can run under the backward pass)."""
     return sum(link.time(wire_bytes(p, world_size, profile.summable)) for p in profile.payload_bytes)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def first_step_mode(modes: Sequence[str], world_size: int, chunk_size: int = 1024) -> str:
@@ -93,9 +87,10 @@ class NetSensePolicy(Policy):
 
     Hysteresis: a *more* compressing mode is adopted once ``confirm`` observations in a row ask for it; a *less*
     compressing one only after it has fitted with ``margin`` (budget and tolerance scaled by ``1 - margin``)
-    for ``patience`` consecutive steps. A relaxation undone within ``patience + 2`` steps doubles the patience of
-    the next one, up to ``max_patience`` (back to ``patience`` once a relaxation holds): a link that only looks
-    fast for small payloads (a token bucket's burst) is probed ever more rarely. One slow step alone never reverts
+    for ``patience`` consecutive steps. A relaxation undone within ``patience + 2`` steps, or undone later without
+    its mode ever having fitted with margin, doubles the patience of the next one, up to ``max_patience`` (back to
+    ``patience`` once the relaxed mode fits with margin on its own measurements): a link that only looks fast for
+    small payloads (a token bucket's burst) is probed ever more rarely. One slow step alone never reverts
     a relaxation: on a loaded machine a scheduler stall looks the same as a slow link.
 
     A run's first step (and a resumed run's) is decided before anything is measured: ``first_mode``, by default a
@@ -158,47 +153,28 @@ class NetSensePolicy(Policy):
         if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
             raise ValueError(f"Expected `modes` to be a non-empty sequence of mode names, but got {modes!r}")
         known = set(MODE_CODES) | set(CODECS)
-        bad = [m for m in modes if m not in known]
+        bad = [m for m in modes if not isinstance(m, str) or m not in known]
         if bad or len(set(modes)) != len(modes) or "none" not in modes:
             raise ValueError(
                 f"Expected `modes` to be distinct names from {sorted(known)} including 'none', but got {list(modes)!r}"
             )
-        if not _is_number(topk_density) or not 0 < topk_density <= 1:
-            raise ValueError(f"Expected `topk_density` in (0, 1], but got {topk_density!r}")
-        if not _is_int(powersgd_rank) or powersgd_rank < 1:
-            raise ValueError(f"Expected `powersgd_rank` to be an integer >= 1, but got {powersgd_rank!r}")
-        if not _is_int(powersgd_bits) or powersgd_bits not in (16, 32):
-            raise ValueError(f"Expected `powersgd_bits` to be 16 or 32, but got {powersgd_bits!r}")
-        for name, value in (("slack", slack), ("max_rel_error", max_rel_error)):
-            if not _is_number(value) or value <= 0:
-                raise ValueError(f"Expected `{name}` to be a number > 0, but got {value!r}")
-        if not _is_number(margin) or not 0 <= margin < 1:
-            raise ValueError(f"Expected `margin` in [0, 1), but got {margin!r}")
-        if not _is_int(patience) or patience < 1:
-            raise ValueError(f"Expected `patience` to be an integer >= 1, but got {patience!r}")
-        if not _is_int(max_patience) or max_patience < patience:
-            raise ValueError(
-                f"Expected `max_patience` to be an integer >= `patience` ({patience}), but got {max_patience!r}"
-            )
-        if not _is_number(efficiency_floor) or not 0 < efficiency_floor <= 1:
-            raise ValueError(f"Expected `efficiency_floor` in (0, 1], but got {efficiency_floor!r}")
-        if isinstance(max_slowdown, bool) or not isinstance(max_slowdown, (int, float)) or not max_slowdown >= 1:
-            raise ValueError(f"Expected `max_slowdown` to be a number >= 1 (math.inf: no bound), but got {max_slowdown!r}")
-        if not _is_number(urgent) or urgent <= 1:
-            raise ValueError(f"Expected `urgent` to be a number > 1, but got {urgent!r}")
-        if not _is_int(confirm) or confirm < 1:
-            raise ValueError(f"Expected `confirm` to be an integer >= 1, but got {confirm!r}")
-        if not _is_number(tolerance) or tolerance < 0:
-            raise ValueError(f"Expected `tolerance` to be a number >= 0, but got {tolerance!r}")
-        if first_mode not in ("auto", "none") and first_mode not in modes:
-            raise ValueError(
-                f"Expected `first_mode` to be 'auto', 'none' or one of `modes` {list(modes)}, but got {first_mode!r}"
-            )
-        priors = dict(PRIOR_REL_ERROR)
-        for mode, err in (prior_errors or {}).items():
-            if not _is_number(err) or err < 0:
-                raise ValueError(f"Expected `prior_errors` values >= 0, but got {err!r} for {mode!r}")
-            priors[str(mode)] = float(err)
+        check_number("topk_density", topk_density, low=0, high=1, low_open=True)
+        check_int("powersgd_rank", powersgd_rank, low=1)
+        check_choice("powersgd_bits", powersgd_bits, (16, 32))
+        check_number("slack", slack, low=0, low_open=True)
+        check_number("max_rel_error", max_rel_error, low=0, low_open=True)
+        check_number("margin", margin, low=0, high=1, high_open=True)
+        check_int("patience", patience, low=1)
+        check_int("max_patience", max_patience, low=patience, why="`patience`")
+        check_number("efficiency_floor", efficiency_floor, low=0, high=1, low_open=True)
+        check_number("max_slowdown", max_slowdown, low=1, allow_inf=True, why="math.inf: no bound")
+        check_number("urgent", urgent, low=1, low_open=True)
+        check_int("confirm", confirm, low=1)
+        check_number("tolerance", tolerance, low=0)
+        check_choice("first_mode", first_mode, ("auto", "none", *(m for m in modes if m != "none")))
+        known_modes = (*MODE_CODES, *(m for m in CODECS if m not in MODE_CODES))
+        given = check_mapping("prior_errors", prior_errors, known_modes, partial(check_number, low=0), allow_none=True)
+        priors = {**PRIOR_REL_ERROR, **(given or {})}
         self.modes = tuple(modes)
         self.topk_density = float(topk_density)
         self.powersgd_rank = powersgd_rank
@@ -231,6 +207,8 @@ class NetSensePolicy(Policy):
         self._escalate = 0
         # the last decision held a compressed mode because nothing had vouched for the link yet
         self._held = False
+        # the last relaxation has not yet fitted with margin on its own mode's measurements (see `decide`)
+        self._unconfirmed = False
 
     def _options(self, mode: str) -> dict[str, float]:
         if mode == "topk":
@@ -342,7 +320,7 @@ class NetSensePolicy(Policy):
             self._escalate += 1
             if current_ok and self._escalate < self.confirm and not self._urgent(observation, profiles[current]):
                 return self._decisions[self._mode]
-            if current_ok and in_probation:  # the last relaxation was a mistake: probe less often
+            if current_ok and (in_probation or self._unconfirmed):  # the last relaxation was a mistake
                 self._patience_now = min(2 * self._patience_now, self.max_patience)
             self._switch(target)
             return self._decisions[self._mode]
@@ -350,8 +328,15 @@ class NetSensePolicy(Policy):
         # No revert on one measured step alone: a single slow collective is as often a scheduler stall as a slow
         # link. The step's samples go through the estimator's weighted median like any other; a really slow link
         # turns the rule above within two steps.
-        if in_probation and self._probation == 0:  # the last relaxation held: back to the base patience
-            self._patience_now = self.patience
+        if self._unconfirmed and self._probation <= self.patience + 1:
+            # The last relaxation holds only once its mode fits with margin on its own measurements (two steps
+            # after it, the estimator's window holds its payloads): then back to the base patience. A compressed
+            # mode's payloads inside a shaper's burst read as a fast link, the relaxed mode's larger ones do not;
+            # a relaxation that only lasted, without fitting with margin, and is undone later still doubles the
+            # patience.
+            if order.index(self.choose(observation, strict=True)) <= order.index(current):
+                self._unconfirmed = False
+                self._patience_now = self.patience
         if order.index(target) < order.index(current):
             strict = self.choose(observation, strict=True)
             if order.index(strict) < order.index(current):
@@ -364,6 +349,7 @@ class NetSensePolicy(Policy):
                     self._switch(self._streak_target)
                     # the estimator needs two steps to confirm a drop: count a revert within patience + 2 steps
                     self._probation = self.patience + 3
+                    self._unconfirmed = True
                 return self._decisions[self._mode]
         self._streak, self._streak_target = 0, None
         return self._decisions[self._mode]
@@ -403,6 +389,7 @@ class NetSensePolicy(Policy):
         self._escalate = 0
         self._streak, self._streak_target = 0, None
         self._probation = 0
+        self._unconfirmed = False
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -414,6 +401,7 @@ class NetSensePolicy(Policy):
             "probation": self._probation,
             "escalate": self._escalate,
             "held": self._held,
+            "unconfirmed": self._unconfirmed,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -426,6 +414,7 @@ class NetSensePolicy(Policy):
         self._probation = int(state.get("probation", 0))
         self._escalate = int(state.get("escalate", 0))
         self._held = bool(state.get("held", False))
+        self._unconfirmed = bool(state.get("unconfirmed", False))
 
     def __repr__(self) -> str:
         return (

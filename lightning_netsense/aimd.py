@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_netsense._validation import check_number
 from lightning_netsense.observation import Decision, Observation
 from lightning_netsense.policy import Policy
 
 __all__ = ["AIMDPolicy"]
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class AIMDPolicy(Policy):
@@ -49,21 +45,13 @@ class AIMDPolicy(Policy):
         floor: float = 0.001,
         threshold: float = 0.9,
     ) -> None:
-        if not _is_number(floor) or not 0 < floor <= 1:
-            raise ValueError(f"Expected `floor` in (0, 1], but got {floor!r}")
-        if not _is_number(initial_density) or not floor <= initial_density <= 1:
-            raise ValueError(f"Expected `initial_density` in [floor={floor:g}, 1], but got {initial_density!r}")
-        if not _is_number(decrease) or not 0 < decrease < 1:
-            raise ValueError(f"Expected `decrease` in (0, 1), but got {decrease!r}")
-        if not _is_number(increase) or not 0 <= increase <= 1:
-            raise ValueError(f"Expected `increase` in [0, 1], but got {increase!r}")
-        if not _is_number(threshold) or threshold <= 0:
-            raise ValueError(f"Expected `threshold` to be a number > 0, but got {threshold!r}")
-        self.initial_density = float(initial_density)
-        self.decrease = float(decrease)
-        self.increase = float(increase)
-        self.floor = float(floor)
-        self.threshold = float(threshold)
+        self.floor = check_number("floor", floor, low=0, high=1, low_open=True)
+        self.initial_density = check_number(
+            "initial_density", initial_density, low=self.floor, high=1, why="from `floor`"
+        )
+        self.decrease = check_number("decrease", decrease, low=0, high=1, low_open=True, high_open=True)
+        self.increase = check_number("increase", increase, low=0, high=1)
+        self.threshold = check_number("threshold", threshold, low=0, low_open=True)
         #: kept fraction of the next step
         self.density = self.initial_density
 

@@ -12,6 +12,7 @@ from lightning_utilities.core.imports import RequirementCache
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
+from lightning_netsense._validation import check_bool, check_choice, check_int
 from lightning_netsense.observation import MODE_CODES, LinkEstimate, Observation
 from lightning_netsense.progress import ModeTotals, print_summary
 from lightning_netsense.strategy import NetSenseStrategy
@@ -146,7 +147,7 @@ class NetSenseMonitor(Callback):
         summary: print the summary table at the end of ``fit`` (rank 0, needs ``rich``).
 
     Raises:
-        ValueError: if ``logging_interval`` or ``log_every_n_steps`` is out of range.
+        ValueError: if an argument is of the wrong type or out of range, naming it.
         MisconfigurationException: in ``setup``, if the Trainer has no logger or its strategy is not a
             :class:`~lightning_netsense.NetSenseStrategy`.
 
@@ -163,18 +164,10 @@ class NetSenseMonitor(Callback):
         prog_bar: bool = True,
         summary: bool = True,
     ) -> None:
-        if logging_interval not in ("step", "epoch"):
-            raise ValueError(f"Expected `logging_interval` to be 'step' or 'epoch', but got {logging_interval!r}")
-        if log_every_n_steps is not None and (
-            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 0
-        ):
-            raise ValueError(
-                f"Expected `log_every_n_steps` to be an integer >= 0 or None, but got {log_every_n_steps!r}"
-            )
-        self.logging_interval = logging_interval
-        self.log_every_n_steps = log_every_n_steps
-        self.prog_bar = prog_bar
-        self.summary = summary
+        self.logging_interval = check_choice("logging_interval", logging_interval, ("step", "epoch"))
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, low=0, allow_none=True)
+        self.prog_bar = check_bool("prog_bar", prog_bar)
+        self.summary = check_bool("summary", summary)
         #: per mode, what the steps seen by this monitor added up to (saved in checkpoints)
         self.totals: dict[str, ModeTotals] = {}
         self._error = MeanMetric(nan_strategy="ignore")

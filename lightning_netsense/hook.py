@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_netsense._validation import check_bool, check_instance, check_int, check_number
 from lightning_netsense.agreement import AGREED_VALUES, agree
 from lightning_netsense.codecs import BucketLayout, Codec
 from lightning_netsense.feedback import ErrorFeedback
@@ -121,19 +122,13 @@ class NetSenseState:
         probe_fraction: float = 0.05,
     ) -> None:
         policy = FixedPolicy() if policy is None else policy
-        if not isinstance(policy, Policy):
-            raise ValueError(f"Expected `policy` to be a lightning_netsense Policy, but got {type(policy).__name__}")
-        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 1:
-            raise ValueError(
-                f"Expected `warmup_steps` to be an integer >= 1 (DDP rebuilds buckets after step 1), "
-                f"but got {warmup_steps!r}"
-            )
-        if not isinstance(probe_every, int) or isinstance(probe_every, bool) or probe_every < 0:
-            raise ValueError(f"Expected `probe_every` to be an integer >= 0 (0 disables probing), but got {probe_every!r}")
-        if isinstance(probe_fraction, bool) or not isinstance(probe_fraction, (int, float)) or not 0 < probe_fraction <= 1:
-            raise ValueError(f"Expected `probe_fraction` in (0, 1], but got {probe_fraction!r}")
-        if not isinstance(error_feedback, bool):
-            raise ValueError(f"Expected `error_feedback` to be a bool, but got {error_feedback!r}")
+        check_instance("policy", policy, Policy, what="a lightning_netsense Policy")
+        check_instance("process_group", process_group, dist.ProcessGroup, allow_none=True, what="a ProcessGroup")
+        check_bool("error_feedback", error_feedback)
+        check_int("warmup_steps", warmup_steps, low=1, why="DDP rebuilds its buckets after step 1")
+        check_instance("estimator", estimator, LinkEstimator, allow_none=True)
+        check_int("probe_every", probe_every, low=0, why="0 disables probing")
+        check_number("probe_fraction", probe_fraction, low=0, high=1, low_open=True)
         self.policy = policy
         self.error_feedback = error_feedback
         self.warmup_steps = warmup_steps

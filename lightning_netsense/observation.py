@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from lightning_netsense._validation import check_mapping, refuse
+
 __all__ = [
     "MODE_CODES",
     "CodecProfile",
@@ -58,8 +60,10 @@ class Decision:
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or not self.mode:
-            raise ValueError(f"Expected `mode` to be a non-empty string, but got {self.mode!r}")
-        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+            raise refuse("mode", "a non-empty string", self.mode)
+        # the values are the codec's to check (Codec.validate_options), when the decision is applied
+        options = check_mapping("options", self.options)
+        object.__setattr__(self, "options", MappingProxyType(options))
 
     @property
     def key(self) -> str:

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_netsense._validation import check_int
 from lightning_netsense.codecs import codec_class
 from lightning_netsense.observation import Decision, Observation
 
@@ -105,6 +106,10 @@ class FixedPolicy(Policy):
         chunk_size: int | None = None,
         bits: int | None = None,
     ) -> None:
+        # the constructor's integers are integers (a codec also takes 8.0, as checkpoints store options)
+        check_int("rank", rank, low=1, allow_none=True)
+        check_int("chunk_size", chunk_size, low=1, allow_none=True)
+        check_int("bits", bits, allow_none=True)
         self.mode = mode
         self.decision = _make_decision(mode, density=density, rank=rank, chunk_size=chunk_size, bits=bits)
 

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_netsense._validation import check_int, check_number
 from lightning_netsense.observation import LinkEstimate
 
 __all__ = [
@@ -283,6 +284,7 @@ class LinkEstimator:
             CUDA event timing resolves far less.
         fast_drop: ratio (> 1) by which the newest step must be slower than the median to be taken at once...
         fast_drop_time: ... provided its transfer took at least this many seconds (a stall is milliseconds).
+            ``math.inf`` for either turns the fast drop off.
         max_filter_steps: a step among this many recent ones (>= 1) whose transfer time was below
             ``resolution`` makes the estimate "faster than measurable" (infinite), whatever the median says.
         vouch_fraction: a window whose largest sample is below this fraction (in (0, 1]) of the largest
@@ -306,30 +308,15 @@ class LinkEstimator:
         fast_drop_time: float = 0.05,
         vouch_fraction: float = 0.25,
     ) -> None:
-        if not isinstance(window_steps, int) or isinstance(window_steps, bool) or window_steps < 1:
-            raise ValueError(f"Expected `window_steps` to be an integer >= 1, but got {window_steps!r}")
-        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 < decay <= 1.0:
-            raise ValueError(f"Expected `decay` in (0, 1], but got {decay!r}")
-        if not isinstance(min_size_ratio, (int, float)) or isinstance(min_size_ratio, bool) or not min_size_ratio > 1:
-            raise ValueError(f"Expected `min_size_ratio` to be a number > 1, but got {min_size_ratio!r}")
-        if not isinstance(resolution, (int, float)) or isinstance(resolution, bool) or not resolution >= 0:
-            raise ValueError(f"Expected `resolution` to be a number of seconds >= 0, but got {resolution!r}")
-        if not isinstance(max_filter_steps, int) or isinstance(max_filter_steps, bool) or max_filter_steps < 1:
-            raise ValueError(f"Expected `max_filter_steps` to be an integer >= 1, but got {max_filter_steps!r}")
-        self.max_filter_steps = max_filter_steps
-        if isinstance(fast_drop, bool) or not isinstance(fast_drop, (int, float)) or not fast_drop > 1:
-            raise ValueError(f"Expected `fast_drop` to be a number > 1, but got {fast_drop!r}")
-        if isinstance(fast_drop_time, bool) or not isinstance(fast_drop_time, (int, float)) or not fast_drop_time >= 0:
-            raise ValueError(f"Expected `fast_drop_time` to be a number of seconds >= 0, but got {fast_drop_time!r}")
-        if isinstance(vouch_fraction, bool) or not isinstance(vouch_fraction, (int, float)) or not 0 < vouch_fraction <= 1:
-            raise ValueError(f"Expected `vouch_fraction` in (0, 1], but got {vouch_fraction!r}")
-        self.vouch_fraction = float(vouch_fraction)
-        self.fast_drop = float(fast_drop)
-        self.fast_drop_time = float(fast_drop_time)
-        self.window_steps = window_steps
-        self.resolution = float(resolution)
-        self.decay = float(decay)
-        self.min_size_ratio = float(min_size_ratio)
+        self.window_steps = check_int("window_steps", window_steps, low=1)
+        self.decay = check_number("decay", decay, low=0, high=1, low_open=True)
+        self.min_size_ratio = check_number("min_size_ratio", min_size_ratio, low=1, low_open=True)
+        self.resolution = check_number("resolution", resolution, low=0, unit="of seconds")
+        self.max_filter_steps = check_int("max_filter_steps", max_filter_steps, low=1)
+        # math.inf turns the fast drop off
+        self.fast_drop = check_number("fast_drop", fast_drop, low=1, low_open=True, allow_inf=True)
+        self.fast_drop_time = check_number("fast_drop_time", fast_drop_time, low=0, allow_inf=True, unit="of seconds")
+        self.vouch_fraction = check_number("vouch_fraction", vouch_fraction, low=0, high=1, low_open=True)
         self._steps: deque[tuple[tuple[float, ...], tuple[float, ...]]] = deque(maxlen=window_steps)
         # fits of the window's steps with spread sizes, by (sizes, seconds): such a fit does not depend on the
         # latency estimate, and refitting every step of the window at every compute() dominated the boundary

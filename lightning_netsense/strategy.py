@@ -8,14 +8,16 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 from torch.nn.parallel.distributed import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_netsense._ddp_arguments import START_METHODS, check_backend, check_ddp_kwargs, check_devices
+from lightning_netsense._validation import check_bool, check_choice, check_instance, check_number, check_timedelta
 from lightning_netsense.adaptive import NetSensePolicy
 from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.policy import Policy
@@ -25,11 +27,15 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-__all__ = ["NetSenseStrategy"]
+__all__ = ["DEFAULT_TIMEOUT", "NetSenseStrategy"]
 
 log = logging.getLogger(__name__)
 
 _CHECKPOINT_KEY = "netsense"
+
+#: Failure-detection budget: the process-group timeout :class:`NetSenseStrategy` uses unless ``timeout=`` is given.
+#: See the strategy's ``timeout`` argument and ``docs/faults.md``.
+DEFAULT_TIMEOUT = timedelta(minutes=5)
 
 
 class NetSenseStrategy(DDPStrategy):
@@ -48,21 +54,37 @@ class NetSenseStrategy(DDPStrategy):
             rebuilds its buckets after step 1); see :class:`~lightning_netsense.hook.NetSenseState`.
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
-        bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default of 25).
+        bucket_cap_mb: DDP bucket size in MiB, a finite number > 0 (``None``: DDP's default of 25).
         gradient_as_bucket_view: passed to ``DistributedDataParallel``.
         start_method: ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``, as for DDP.
-        process_group_backend: ``"gloo"``, ``"nccl"``, ... (default: by device).
-        timeout: process group timeout.
-        \**kwargs: any other ``DistributedDataParallel`` keyword.
+        process_group_backend: a backend torch knows (``"gloo"``, ``"nccl"``, ``"mpi"``, ``"ucc"``, ...; one a
+            plugin registers is known once the plugin is imported), ``"device:backend,..."`` pairs of them, or
+            ``None`` (by device: gloo on CPU, NCCL on CUDA).
+        timeout: the failure-detection budget: how long a rank waits in one collective (or barrier) before it
+            raises, a ``datetime.timedelta`` > 0. The default, :data:`DEFAULT_TIMEOUT` (5 minutes, where Lightning's
+            ``DDPStrategy`` and torch's gloo default wait 30), bounds how long a dead or frozen rank, or a dead
+            link, stalls every other rank before all of them raise; a rank that dies outright is usually seen at
+            once (its sockets close). The budget must exceed the longest stall you want to survive: TCP backs off
+            exponentially while a link is down, so an outage stalls a collective for up to about twice its length
+            (see ``docs/faults.md``); 5 minutes survives outages up to about 150 s. It also bounds
+            work one rank does while the others wait at a barrier: ``prepare_data`` on rank 0 (a dataset download)
+            and checkpoint writes. Raise it for those (``timeout=timedelta(minutes=30)``); ``None`` leaves it to
+            torch (30 minutes for gloo, 10 for NCCL). What happens in each case: ``docs/faults.md``.
+        \**kwargs: any other ``DistributedDataParallel`` keyword (checked against its signature; bool flags must be
+            bools).
 
     Raises:
-        ValueError: if a communication hook, state or wrapper of your own is passed (this strategy owns the
-            hook), or an argument is out of range.
+        ValueError: if an argument is of the wrong type or out of range (naming it); if a communication hook,
+            state or wrapper of your own is passed (this strategy owns the hook); for a keyword that
+            ``DistributedDataParallel`` does not accept, or one that cannot work with this strategy:
+            ``model_averaging_period`` (post-local SGD averages through a hook state of its own),
+            ``device_ids``, ``process_group``, ``device_mesh``.
 
     Example::
 
         import lightning_netsense  # registers "netsense_ddp" and friends
         trainer = Trainer(accelerator="cpu", devices=2, strategy="netsense_ddp")
+        trainer = Trainer(strategy=NetSenseStrategy(timeout=timedelta(minutes=30)))  # long prepare_data
     """
 
     strategy_name = "netsense_ddp"
@@ -78,7 +100,7 @@ class NetSenseStrategy(DDPStrategy):
         gradient_as_bucket_view: bool = False,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -102,11 +124,24 @@ class NetSenseStrategy(DDPStrategy):
                 )
         if policy is None:
             policy = NetSensePolicy()
+        # Everything is checked here, in the main process, before any rank starts: DDP and gloo would otherwise
+        # fail 10-20 s later in every rank, with messages that do not name the argument.
+        check_bool("find_unused_parameters", find_unused_parameters)
+        check_bool("static_graph", static_graph)
+        check_bool("gradient_as_bucket_view", gradient_as_bucket_view)
+        check_number("bucket_cap_mb", bucket_cap_mb, low=0, low_open=True, allow_none=True, why="MiB")
+        check_choice("start_method", start_method, START_METHODS)
+        check_backend(process_group_backend)
+        check_timedelta("timeout", timeout, allow_none=True)
+        check_instance("accelerator", accelerator, Accelerator, allow_none=True)
+        check_devices(parallel_devices)
+        check_instance("cluster_environment", cluster_environment, ClusterEnvironment, allow_none=True)
+        check_instance("checkpoint_io", checkpoint_io, CheckpointIO, allow_none=True)
+        check_instance("precision_plugin", precision_plugin, Precision, allow_none=True)
+        kwargs = check_ddp_kwargs(kwargs)
         if bucket_cap_mb is not None:
-            if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb <= 0:
-                raise ValueError(f"Expected `bucket_cap_mb` to be a number > 0 or None, but got {bucket_cap_mb!r}")
             kwargs["bucket_cap_mb"] = bucket_cap_mb
-        # Validates policy, error_feedback and warmup_steps now, in the main process, with a clear message.
+        # Validates policy, error_feedback and warmup_steps now, with the state's own messages.
         self._netsense_config = {"policy": policy, "error_feedback": error_feedback, "warmup_steps": warmup_steps}
         NetSenseState(**self._netsense_config)
         super().__init__(
@@ -225,3 +260,4 @@ class NetSenseStrategy(DDPStrategy):
                 description=f"Network-sensing compressed DDP with `start_method` '{start_method}'",
                 start_method=start_method,
             )
+

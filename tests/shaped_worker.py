@@ -12,6 +12,7 @@ the file ``<control>/resume_K``: the test changes the shaping between two steps 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -41,6 +42,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pause-at", default="", help="comma-separated steps after which to wait for the test")
     p.add_argument("--control", default="", help="folder where the test writes resume_<step>")
     p.add_argument("--pause-timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, s (the failure budget)")
+    p.add_argument("--straggle", type=float, default=0.0, help="seconds this rank sleeps before each forward")
     return p.parse_args(argv)
 
 
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         policy = FixedPolicy()
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=args.rank, world_size=args.world_size, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", rank=args.rank, world_size=args.world_size, timeout=timedelta(seconds=args.timeout))
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(args.depth):
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             tx0, rx0 = _counters(args.ifname)
             t0 = time.time()
             opt.zero_grad(set_to_none=True)
+            if args.straggle:
+                time.sleep(args.straggle)  # a slower rank: its buckets reach the collectives late
             state.begin_backward()
             loss = nn.functional.mse_loss(ddp(x), y)
             loss.backward()
@@ -138,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
                         sys.exit(f"rank {args.rank}: no {flag} within {args.pause_timeout} s")
                     time.sleep(0.01)
         dist.barrier()
-        out.write(json.dumps({"event": "done", "rank": args.rank, "t": time.time()}) + "\n")
+        # the replicas' parameters, bit for bit (the fault tests compare them across ranks)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+        out.write(json.dumps({"event": "done", "rank": args.rank, "t": time.time(), "params_sha256": digest}) + "\n")
     # Leave without tearing the process group down: rank 0 (the TCPStore host) hung in destroy_process_group /
     # interpreter shutdown once the other rank had gone. Everything is written and the barrier passed.
     sys.stdout.flush()

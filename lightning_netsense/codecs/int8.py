@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_netsense._validation import check_int
 from lightning_netsense.codecs.base import BucketLayout, Codec
 
 __all__ = ["Int8Codec"]
@@ -42,9 +43,8 @@ class Int8Codec(Codec):
 
     @classmethod
     def _check_options(cls, options: Mapping[str, Any]) -> None:
-        size = options["chunk_size"]
-        if isinstance(size, bool) or not isinstance(size, (int, float)) or size != int(size) or size < 1:
-            raise ValueError(f"Expected `chunk_size` to be an integer >= 1, but got {size!r}")
+        # an integral float is accepted: checkpoints store a decision's options as floats
+        check_int("chunk_size", options["chunk_size"], low=1, integral_float=True)
 
     def payload_bytes(self, layout: BucketLayout, **options: Any) -> int:
         chunk = int(options.get("chunk_size", self.default_options["chunk_size"]))

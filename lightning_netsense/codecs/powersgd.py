@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_netsense._validation import check_choice, check_int
 from lightning_netsense.codecs.base import BucketLayout, Codec
 
 __all__ = ["PowerSGDCodec"]
@@ -142,12 +143,9 @@ class PowerSGDCodec(Codec):
 
     @classmethod
     def _check_options(cls, options: Mapping[str, Any]) -> None:
-        rank = options["rank"]
-        if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank != int(rank) or rank < 1:
-            raise ValueError(f"Expected `rank` to be an integer >= 1, but got {rank!r}")
-        bits = options["bits"]
-        if isinstance(bits, bool) or bits not in (16, 32):
-            raise ValueError(f"Expected `bits` to be 16 (bfloat16 payload) or 32 (float32), but got {bits!r}")
+        # integral floats are accepted: checkpoints store a decision's options as floats
+        check_int("rank", options["rank"], low=1, integral_float=True)
+        check_choice("bits", options["bits"], (16, 32), why="16: bfloat16 payload, 32: float32")
 
     def reset(self) -> None:
         self._states.clear()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_netsense._validation import check_number
 from lightning_netsense.codecs.base import BucketLayout, Codec
 
 __all__ = ["TopKCodec", "select_topk", "topk_count"]
@@ -100,9 +101,7 @@ class TopKCodec(Codec):
 
     @classmethod
     def _check_options(cls, options: Mapping[str, Any]) -> None:
-        density = options["density"]
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-            raise ValueError(f"Expected `density` to be a number in (0, 1], but got {density!r}")
+        check_number("density", options["density"], low=0, high=1, low_open=True)
 
     def payload_bytes(self, layout: BucketLayout, **options: Any) -> int:
         density = float(options.get("density", self.default_options["density"]))
