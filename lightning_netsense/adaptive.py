@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
 from typing import Any
 
-from lightning_netsense._validation import check_choice, check_int, check_mapping, check_number
+from lightning_netsense._validation import check_choice, check_instance, check_int, check_mapping, check_number
 from lightning_netsense.codecs import CODECS
 from lightning_netsense.observation import MODE_CODES, CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
 from lightning_netsense.policy import Policy
 
-__all__ = ["PRIOR_REL_ERROR", "NetSensePolicy", "first_step_mode", "predicted_comm_time", "predicted_wire_time"]
+__all__ = [
+    "PRIOR_REL_ERROR",
+    "NetSensePolicy",
+    "PolicyTuning",
+    "first_step_mode",
+    "predicted_comm_time",
+    "predicted_wire_time",
+]
 
 #: Update error assumed for a mode before it has been measured (the hook measures every candidate from the first
 #: step on, see :class:`~lightning_netsense.shadow.ShadowMeter`; these order modes a policy prices without a
@@ -57,6 +65,65 @@ def first_step_mode(modes: Sequence[str], world_size: int, chunk_size: int = 102
     if not found:
         return "none"
     return min(found, key=lambda m: (wire_bytes(per_element[m], world_size, summable[m]), _FIRST_MODES.index(m)))
+
+
+@dataclass(frozen=True)
+class PolicyTuning:
+    """How :class:`NetSensePolicy` weighs and holds its choices. The defaults suit most runs; change one at a time.
+
+    LightningCLI fills it from YAML (``init_args: {tuning: {patience: 10}}``).
+
+    Args:
+        powersgd_bits: payload precision of ``"powersgd"``: 16 (bfloat16) or 32 (float32). See
+            :class:`~lightning_netsense.codecs.powersgd.PowerSGDCodec`.
+        slack: factor on the overlap budget, > 0 (above 1 tolerates some exposed communication).
+        margin: relative margin a less compressing mode must fit with, in [0, 1).
+        patience: consecutive steps a less compressing mode must fit before it is adopted, >= 1.
+        max_patience: cap of the doubled patience, >= ``patience``.
+        tolerance: relative step-time slack within which a less lossy mode is preferred when none fits, >= 0.
+        confirm: consecutive observations (>= 1) that must ask for more compression before it is adopted...
+        urgent: ... unless the current mode's predicted communication exceeds the budget (or the backward
+            time) ``urgent`` times over (> 1): then at once.
+        efficiency_floor: smallest share of a plain step's progress credited to a lossy step, in (0, 1].
+        max_slowdown: a mode whose predicted step is more than this many times the fastest candidate's is not
+            chosen for its lower error (>= 1; ``math.inf`` trusts the progress model without bound).
+        prior_errors: update errors (>= 0) assumed for modes not measured yet, over :data:`PRIOR_REL_ERROR`.
+        first_mode: mode of a run's first step: ``"auto"`` (a mode that sends every coordinate with its sign, see
+            :func:`first_step_mode`), ``"none"`` or one of the policy's ``modes``.
+
+    Raises:
+        ValueError: if an argument is out of range, naming it.
+    """
+
+    powersgd_bits: int = 16
+    slack: float = 1.0
+    margin: float = 0.2
+    patience: int = 5
+    max_patience: int = 64
+    tolerance: float = 0.05
+    confirm: int = 2
+    urgent: float = 4.0
+    efficiency_floor: float = 0.05
+    max_slowdown: float = 2.0
+    prior_errors: dict[str, float] | None = None
+    first_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("powersgd_bits", self.powersgd_bits, (16, 32))
+        check_number("slack", self.slack, low=0, low_open=True)
+        check_number("margin", self.margin, low=0, high=1, high_open=True)
+        check_int("patience", self.patience, low=1)
+        check_int("max_patience", self.max_patience, low=self.patience, why="`patience`")
+        check_number("efficiency_floor", self.efficiency_floor, low=0, high=1, low_open=True)
+        check_number("max_slowdown", self.max_slowdown, low=1, allow_inf=True, why="math.inf: no bound")
+        check_number("urgent", self.urgent, low=1, low_open=True)
+        check_int("confirm", self.confirm, low=1)
+        check_number("tolerance", self.tolerance, low=0)
+        known_modes = (*MODE_CODES, *(m for m in CODECS if m not in MODE_CODES))
+        check_choice("first_mode", self.first_mode, ("auto", *known_modes))
+        given = check_mapping("prior_errors", self.prior_errors, known_modes, partial(check_number, low=0),
+                              allow_none=True)
+        object.__setattr__(self, "prior_errors", None if given is None else dict(given))
 
 
 class NetSensePolicy(Policy):
@@ -103,52 +170,27 @@ class NetSensePolicy(Policy):
 
     Args:
         modes: candidate modes; must contain ``"none"``.
-        topk_density: kept fraction of ``"topk"``, in (0, 1].
-        powersgd_rank: rank of ``"powersgd"``, >= 1. Higher ranks send more and err less.
-        powersgd_bits: payload precision of ``"powersgd"``: 16 (bfloat16) or 32 (float32). See
-            :class:`~lightning_netsense.codecs.powersgd.PowerSGDCodec`.
-        slack: factor on the overlap budget, > 0 (above 1 tolerates some exposed communication).
         max_rel_error: error budget, > 0: a mode whose update error reaches it is not chosen. The default 1.0
             rules out modes whose updates are no closer to the exact update than no update at all.
-        margin: relative margin a less compressing mode must fit with, in [0, 1).
-        patience: consecutive steps a less compressing mode must fit before it is adopted, >= 1.
-        max_patience: cap of the doubled patience, >= ``patience``.
-        tolerance: relative step-time slack within which a less lossy mode is preferred when none fits, >= 0.
-        confirm: consecutive observations (>= 1) that must ask for more compression before it is adopted...
-        urgent: ... unless the current mode's predicted communication exceeds the budget (or the backward
-            time) ``urgent`` times over (> 1): then at once.
-        efficiency_floor: smallest share of a plain step's progress credited to a lossy step, in (0, 1].
-        max_slowdown: a mode whose predicted step is more than this many times the fastest candidate's is not
-            chosen for its lower error (>= 1; ``math.inf`` trusts the progress model without bound).
-        prior_errors: overrides of :data:`PRIOR_REL_ERROR`, mode -> update error >= 0, for modes not measured yet.
-        first_mode: mode of a run's first step: ``"auto"`` (see above), ``"none"`` or a mode of ``modes``.
+        powersgd_rank: rank of ``"powersgd"``, >= 1. Higher ranks send more and err less.
+        topk_density: kept fraction of ``"topk"``, in (0, 1].
+        tuning: how choices are weighed and held (:class:`PolicyTuning`; its defaults when ``None``).
 
     Raises:
         ValueError: if an argument is out of range, naming it.
 
     Example::
 
-        Trainer(strategy=NetSenseStrategy(policy=NetSensePolicy(modes=("none", "fp16", "powersgd"), slack=0.8)))
+        Trainer(strategy=NetSenseStrategy(policy=NetSensePolicy(modes=("none", "fp16", "powersgd"))))
     """
 
     def __init__(
         self,
         modes: Sequence[str] = ("none", "fp16", "bf16", "int8", "powersgd", "topk"),
-        topk_density: float = 0.01,
-        powersgd_rank: int = 8,
-        powersgd_bits: int = 16,
-        slack: float = 1.0,
         max_rel_error: float = 1.0,
-        margin: float = 0.2,
-        patience: int = 5,
-        max_patience: int = 64,
-        tolerance: float = 0.05,
-        confirm: int = 2,
-        urgent: float = 4.0,
-        efficiency_floor: float = 0.05,
-        max_slowdown: float = 2.0,
-        prior_errors: Mapping[str, float] | None = None,
-        first_mode: str = "auto",
+        powersgd_rank: int = 8,
+        topk_density: float = 0.01,
+        tuning: PolicyTuning | None = None,
     ) -> None:
         if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
             raise ValueError(f"Expected `modes` to be a non-empty sequence of mode names, but got {modes!r}")
@@ -158,39 +200,29 @@ class NetSensePolicy(Policy):
             raise ValueError(
                 f"Expected `modes` to be distinct names from {sorted(known)} including 'none', but got {list(modes)!r}"
             )
-        check_number("topk_density", topk_density, low=0, high=1, low_open=True)
-        check_int("powersgd_rank", powersgd_rank, low=1)
-        check_choice("powersgd_bits", powersgd_bits, (16, 32))
-        check_number("slack", slack, low=0, low_open=True)
         check_number("max_rel_error", max_rel_error, low=0, low_open=True)
-        check_number("margin", margin, low=0, high=1, high_open=True)
-        check_int("patience", patience, low=1)
-        check_int("max_patience", max_patience, low=patience, why="`patience`")
-        check_number("efficiency_floor", efficiency_floor, low=0, high=1, low_open=True)
-        check_number("max_slowdown", max_slowdown, low=1, allow_inf=True, why="math.inf: no bound")
-        check_number("urgent", urgent, low=1, low_open=True)
-        check_int("confirm", confirm, low=1)
-        check_number("tolerance", tolerance, low=0)
-        check_choice("first_mode", first_mode, ("auto", "none", *(m for m in modes if m != "none")))
-        known_modes = (*MODE_CODES, *(m for m in CODECS if m not in MODE_CODES))
-        given = check_mapping("prior_errors", prior_errors, known_modes, partial(check_number, low=0), allow_none=True)
-        priors = {**PRIOR_REL_ERROR, **(given or {})}
+        check_int("powersgd_rank", powersgd_rank, low=1)
+        check_number("topk_density", topk_density, low=0, high=1, low_open=True)
+        tuning = PolicyTuning() if tuning is None else check_instance("tuning", tuning, PolicyTuning)
+        check_choice("first_mode", tuning.first_mode, ("auto", "none", *(m for m in modes if m != "none")))
         self.modes = tuple(modes)
-        self.topk_density = float(topk_density)
-        self.powersgd_rank = powersgd_rank
-        self.powersgd_bits = powersgd_bits
-        self.slack = float(slack)
         self.max_rel_error = float(max_rel_error)
-        self.margin = float(margin)
-        self.patience = patience
-        self.max_patience = max_patience
-        self.tolerance = float(tolerance)
-        self.confirm = confirm
-        self.urgent = float(urgent)
-        self.efficiency_floor = float(efficiency_floor)
-        self.max_slowdown = float(max_slowdown)
-        self.priors = priors
-        self.first_mode = first_mode
+        self.powersgd_rank = powersgd_rank
+        self.topk_density = float(topk_density)
+        self.tuning = tuning
+        # the tuning's values, read on every decision
+        self.powersgd_bits = tuning.powersgd_bits
+        self.slack = float(tuning.slack)
+        self.margin = float(tuning.margin)
+        self.patience = tuning.patience
+        self.max_patience = tuning.max_patience
+        self.tolerance = float(tuning.tolerance)
+        self.confirm = tuning.confirm
+        self.urgent = float(tuning.urgent)
+        self.efficiency_floor = float(tuning.efficiency_floor)
+        self.max_slowdown = float(tuning.max_slowdown)
+        self.priors = {**PRIOR_REL_ERROR, **(tuning.prior_errors or {})}
+        self.first_mode = tuning.first_mode
         self._decisions = {m: Decision(m, self._options(m)) for m in self.modes}
         self.reset()
 
@@ -418,8 +450,6 @@ class NetSensePolicy(Policy):
 
     def __repr__(self) -> str:
         return (
-            f"NetSensePolicy(modes={self.modes}, topk_density={self.topk_density:g}, powersgd_rank={self.powersgd_rank}"
-            f", powersgd_bits={self.powersgd_bits}"
-            f", slack={self.slack:g}, max_rel_error={self.max_rel_error:g}, margin={self.margin:g}"
-            f", patience={self.patience}, first_mode={self.first_mode!r})"
+            f"NetSensePolicy(modes={self.modes}, max_rel_error={self.max_rel_error:g}, powersgd_rank="
+            f"{self.powersgd_rank}, topk_density={self.topk_density:g}, tuning={self.tuning})"
         )

@@ -336,13 +336,16 @@ class NetSenseState:
         """Decision state for checkpoints: plain values only (loads with ``torch.load(weights_only=True)``).
 
         Residuals are per rank and are *not* included: they are reset on resume (error feedback restarts from
-        zero, which costs at most one step's unsent gradient).
+        zero, which costs at most one step's unsent gradient). The policy's class and the world size are kept, so
+        that a resume with another policy or on another number of ranks starts those parts afresh.
         """
         return {
             "step": self.step,
             "decision": self.decision.to_dict(),
             "estimator": self.estimator.state_dict(),
             "policy": self.policy.state_dict(),
+            "policy_class": type(self.policy).__qualname__,
+            "world_size": self.world_size if dist.is_initialized() else None,
             **self.ledger.state_dict(),
             "mode_steps": dict(self.mode_steps),
             "total_bytes_sent": self.total_bytes_sent,
@@ -352,9 +355,21 @@ class NetSenseState:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
-        self.decision = self._validated(Decision.from_dict(state["decision"]))
-        self.estimator.load_state_dict(state["estimator"])
-        self.policy.load_state_dict(state["policy"])
+        written_by = state.get("policy_class")
+        same_policy = written_by in (None, type(self.policy).__qualname__)
+        # another policy's decision may not be one of this policy's candidates: the first step decides again
+        self.decision = self._validated(Decision.from_dict(state["decision"])) if same_policy else _PLAIN
+        if same_policy:
+            self.policy.load_state_dict(state["policy"])
+        else:
+            log.info(f"NetSenseState: the checkpoint's policy state was written by {written_by}, not"
+                     f" {type(self.policy).__qualname__}: the policy starts afresh")
+        # an estimate measured on another number of ranks describes other collectives: measured again
+        saved_world = state.get("world_size")
+        if saved_world is None or not dist.is_initialized() or saved_world == self.world_size:
+            self.estimator.load_state_dict(state["estimator"])
+        else:
+            self.estimator.reset()
         self.ledger.load_state_dict(state)
         self.mode_steps = {str(k): int(v) for k, v in state.get("mode_steps", {}).items()}
         self.total_bytes_sent = float(state.get("total_bytes_sent", 0.0))

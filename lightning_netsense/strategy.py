@@ -20,6 +20,7 @@ from lightning_netsense._ddp_arguments import START_METHODS, check_backend, chec
 from lightning_netsense._validation import check_bool, check_choice, check_instance, check_number, check_timedelta
 from lightning_netsense.adaptive import NetSensePolicy
 from lightning_netsense.hook import NetSenseState, netsense_hook
+from lightning_netsense.sensing import LinkEstimator
 from lightning_netsense.policy import Policy
 from lightning_netsense.update_error import SecondMoments
 
@@ -52,6 +53,11 @@ class NetSenseStrategy(DDPStrategy):
         error_feedback: add what lossy codecs did not send to the next step.
         warmup_steps: steps at the start in which only codecs without per-bucket state may run (>= 1: DDP
             rebuilds its buckets after step 1); see :class:`~lightning_netsense.hook.NetSenseState`.
+        probe_every: while a lossy mode runs, probe the link's bandwidth at most every this many steps, >= 0 (0:
+            never; compressed payloads alone cannot show that a slow link has recovered).
+        probe_fraction: share of the training time bandwidth probes may take, in (0, 1].
+        estimator: the link estimator and its settings (default: :class:`~lightning_netsense.sensing.LinkEstimator`
+            with its defaults).
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
         bucket_cap_mb: DDP bucket size in MiB, a finite number > 0 (``None``: DDP's default of 25).
@@ -94,6 +100,9 @@ class NetSenseStrategy(DDPStrategy):
         policy: Policy | None = None,
         error_feedback: bool = True,
         warmup_steps: int = 1,
+        probe_every: int = 2,
+        probe_fraction: float = 0.05,
+        estimator: LinkEstimator | None = None,
         find_unused_parameters: bool = False,
         static_graph: bool = False,
         bucket_cap_mb: float | None = None,
@@ -141,8 +150,15 @@ class NetSenseStrategy(DDPStrategy):
         kwargs = check_ddp_kwargs(kwargs)
         if bucket_cap_mb is not None:
             kwargs["bucket_cap_mb"] = bucket_cap_mb
-        # Validates policy, error_feedback and warmup_steps now, with the state's own messages.
-        self._netsense_config = {"policy": policy, "error_feedback": error_feedback, "warmup_steps": warmup_steps}
+        # Validates the state's arguments now, with the state's own messages.
+        self._netsense_config = {
+            "policy": policy,
+            "error_feedback": error_feedback,
+            "warmup_steps": warmup_steps,
+            "estimator": estimator,
+            "probe_every": probe_every,
+            "probe_fraction": probe_fraction,
+        }
         NetSenseState(**self._netsense_config)
         super().__init__(
             accelerator=accelerator,

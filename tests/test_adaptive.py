@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_netsense.adaptive import PRIOR_REL_ERROR, NetSensePolicy, first_step_mode, predicted_comm_time
+from lightning_netsense.adaptive import PolicyTuning
 from lightning_netsense.observation import CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
 from lightning_netsense.sensing import (
     LinkEstimator,
@@ -91,14 +92,14 @@ def test_predicted_comm_time_prices_collective_type_latency_and_codec_cost():
 
 
 def test_fast_link_chooses_none():
-    policy = NetSensePolicy(confirm=1)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1))
     obs = observe(10_000 * MBIT)
     assert comm("none", obs) < obs.overlap_time  # dense communication hides under the backward pass
     assert all(policy.decide(obs).mode == "none" for _ in range(5))
 
 
 def test_slow_link_chooses_a_compressing_mode_that_fits():
-    policy = NetSensePolicy(confirm=1)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1))
     obs = observe(20 * MBIT)
     mode = policy.decide(obs).mode
     assert mode != "none"
@@ -109,7 +110,7 @@ def test_slow_link_chooses_a_compressing_mode_that_fits():
 
 
 def test_least_lossy_mode_that_fits_is_chosen():
-    policy = NetSensePolicy(confirm=1)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1))
     obs = observe(bandwidth_for("none", 1.5))  # dense takes 1.5x the budget, fp16 about 0.75x
     assert policy.decide(obs) == Decision("fp16")
 
@@ -117,28 +118,28 @@ def test_least_lossy_mode_that_fits_is_chosen():
 def test_measured_error_reorders_modes():
     # fp16 measured far worse than bf16's prior (gradients underflowing half precision): bf16 is preferred
     obs = observe(bandwidth_for("none", 1.5), errors={"fp16": 0.05})
-    assert NetSensePolicy(confirm=1).decide(obs).mode == "bf16"
+    assert NetSensePolicy(tuning=PolicyTuning(confirm=1)).decide(obs).mode == "bf16"
 
 
 def test_large_world_prefers_summable_codecs():
     modes = ("none", "fp16", "int8")
     bandwidth = bandwidth_for("fp16", 1.3)  # at N=2: fp16 misses the budget, int8 (half its bytes) fits
-    assert NetSensePolicy(confirm=1, modes=modes).decide(observe(bandwidth, world_size=2)).mode == "int8"
+    assert NetSensePolicy(modes=modes, tuning=PolicyTuning(confirm=1)).decide(observe(bandwidth, world_size=2)).mode == "int8"
     # at N=64 nothing fits; int8's allgather moves 63 payloads, fp16's allreduce under 2: fp16 is faster
     large = observe(bandwidth, world_size=64)
-    assert NetSensePolicy(confirm=1, modes=modes).decide(large).mode == "fp16"
+    assert NetSensePolicy(modes=modes, tuning=PolicyTuning(confirm=1)).decide(large).mode == "fp16"
     assert comm("int8", large) > 10 * comm("fp16", large)
     # with a summable codec that fits (and loses little enough), it is chosen at N=64
-    low_rank = NetSensePolicy(confirm=1, modes=(*modes, "powersgd"), prior_errors={"powersgd": 0.5})
+    low_rank = NetSensePolicy(modes=(*modes, "powersgd"), tuning=PolicyTuning(confirm=1, prior_errors={"powersgd": 0.5}))
     assert low_rank.decide(large).mode == "powersgd"
 
 
 def test_nothing_fits_minimises_step_time_and_prefers_less_lossy_within_tolerance():
     # one bucket: no overlap at all, so nothing "fits"
     fast = observe(10_000 * MBIT, overlap=0.0, step_time=0.2, numels=(1_000_000,))
-    assert NetSensePolicy(confirm=1).decide(fast).mode == "none"  # 3 ms of exchange in a 200 ms step is not worth any error
+    assert NetSensePolicy(tuning=PolicyTuning(confirm=1)).decide(fast).mode == "none"  # 3 ms of exchange in a 200 ms step is not worth any error
     slow = observe(20 * MBIT, overlap=0.0, step_time=0.2, numels=(1_000_000,))
-    policy = NetSensePolicy(confirm=1, tolerance=0.05)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1, tolerance=0.05))
     mode = policy.decide(slow).mode
     best = min(comm(m, slow) for m in policy.modes)
     assert comm(mode, slow) <= best + 0.05 * (slow.step_time + best)
@@ -147,8 +148,8 @@ def test_nothing_fits_minimises_step_time_and_prefers_less_lossy_within_toleranc
 
 def test_error_budget_is_respected():
     slow = observe(5 * MBIT)
-    assert NetSensePolicy(confirm=1).decide(slow).mode in ("powersgd", "topk")
-    policy = NetSensePolicy(confirm=1, max_rel_error=0.1)
+    assert NetSensePolicy(tuning=PolicyTuning(confirm=1)).decide(slow).mode in ("powersgd", "topk")
+    policy = NetSensePolicy(max_rel_error=0.1, tuning=PolicyTuning(confirm=1))
     assert policy.decide(slow).mode == "int8"  # the fastest within the budget
     # measured errors replace the priors: int8 measured above the budget is dropped at once
     measured = observe(5 * MBIT, errors={"int8": 0.2})
@@ -158,16 +159,16 @@ def test_error_budget_is_respected():
 def test_codec_compute_cost_counts():
     # powersgd's payload fits, but its measured compute cost alone exceeds the budget
     modes = ("none", "fp16", "powersgd", "topk")
-    assert NetSensePolicy(confirm=1, modes=modes).decide(observe(5 * MBIT)).mode == "powersgd"
+    assert NetSensePolicy(modes=modes, tuning=PolicyTuning(confirm=1)).decide(observe(5 * MBIT)).mode == "powersgd"
     obs = observe(5 * MBIT, costs={"powersgd": 1.0 / 4e6})
-    assert NetSensePolicy(confirm=1, modes=modes).decide(obs).mode == "topk"
+    assert NetSensePolicy(modes=modes, tuning=PolicyTuning(confirm=1)).decide(obs).mode == "topk"
 
 
 def test_unknown_link_chooses_none_and_world_of_one_never_compresses():
-    policy = NetSensePolicy(confirm=1)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1))
     assert policy.decide(observe(20 * MBIT)).mode != "none"
     assert policy.decide(observe(float("inf"), alpha=0.0, samples=0)).mode == "none"
-    assert NetSensePolicy(confirm=1).decide(observe(1 * MBIT, world_size=1)).mode == "none"
+    assert NetSensePolicy(tuning=PolicyTuning(confirm=1)).decide(observe(1 * MBIT, world_size=1)).mode == "none"
 
 
 def _changes(modes):
@@ -178,28 +179,28 @@ def test_hysteresis_does_not_flap_on_noise_around_the_threshold():
     # dense communication alternates between 0.95x and 1.05x the budget (noise on the estimate)
     below, above = bandwidth_for("none", 0.95), bandwidth_for("none", 1.05)
     observations = [observe(below if i % 2 else above) for i in range(30)]
-    policy = NetSensePolicy(confirm=1, tolerance=0.0)  # exact threshold: no gain is too small to count
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1, tolerance=0.0))  # exact threshold: no gain is too small to count
     stable = [policy.decide(o).mode for o in observations]
     assert _changes(["none", *stable]) == 1 and stable[-1] == "fp16"
     # without hysteresis the same observations flap every step
-    naive = NetSensePolicy(confirm=1, margin=0.0, patience=1, max_patience=1, tolerance=0.0)
+    naive = NetSensePolicy(tuning=PolicyTuning(confirm=1, margin=0.0, patience=1, max_patience=1, tolerance=0.0))
     assert _changes([naive.decide(o).mode for o in observations]) == len(observations) - 1
 
 
 def test_relaxing_needs_the_margin():
     # dense communication settles at 0.9x the budget: it fits, but not with a 20 % margin
     slow, near = observe(20 * MBIT), observe(bandwidth_for("none", 0.9))
-    policy = NetSensePolicy(confirm=1, patience=2, margin=0.2, tolerance=0.0)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1, patience=2, margin=0.2, tolerance=0.0))
     policy.decide(slow)
     modes = [policy.decide(near).mode for _ in range(10)]
     assert "none" not in modes and modes[-1] == "fp16"  # relaxed as far as the margin allows
-    loose = NetSensePolicy(confirm=1, patience=2, margin=0.05, tolerance=0.0)
+    loose = NetSensePolicy(tuning=PolicyTuning(confirm=1, patience=2, margin=0.05, tolerance=0.0))
     loose.decide(slow)
     assert [loose.decide(near).mode for _ in range(3)][1:] == ["none", "none"]
 
 
 def test_switches_back_after_patience_steps():
-    policy = NetSensePolicy(confirm=1, patience=3)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1, patience=3))
     assert policy.decide(observe(20 * MBIT)).mode != "none"
     back = [policy.decide(observe(10_000 * MBIT)).mode for _ in range(5)]
     assert "none" not in back[:2]
@@ -207,7 +208,7 @@ def test_switches_back_after_patience_steps():
 
 
 def test_a_relaxation_undone_at_once_doubles_the_patience():
-    policy = NetSensePolicy(confirm=1, patience=2, max_patience=8)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1, patience=2, max_patience=8))
     slow, fast = observe(20 * MBIT), observe(10_000 * MBIT)
     policy.decide(slow)
     assert [policy.decide(fast).mode for _ in range(2)][-1] == "none"
@@ -222,13 +223,13 @@ def test_a_relaxation_undone_at_once_doubles_the_patience():
 
 
 def test_state_dict_round_trip_with_weights_only():
-    policy = NetSensePolicy(confirm=1, patience=4)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1, patience=4))
     policy.decide(observe(20 * MBIT))
     policy.decide(observe(10_000 * MBIT))
     buf = io.BytesIO()
     torch.save(policy.state_dict(), buf)
     buf.seek(0)
-    other = NetSensePolicy(confirm=1, patience=4)
+    other = NetSensePolicy(tuning=PolicyTuning(confirm=1, patience=4))
     other.load_state_dict(torch.load(buf, weights_only=True))
     assert other.state_dict() == policy.state_dict()
     fast = observe(10_000 * MBIT)
@@ -236,7 +237,7 @@ def test_state_dict_round_trip_with_weights_only():
 
 
 def test_candidates_carry_the_options():
-    policy = NetSensePolicy(confirm=1, topk_density=0.05, powersgd_rank=2)
+    policy = NetSensePolicy(topk_density=0.05, powersgd_rank=2, tuning=PolicyTuning(confirm=1))
     by_mode = {d.mode: d for d in policy.candidates()}
     assert set(by_mode) == set(policy.modes)
     assert by_mode["topk"].options == {"density": 0.05}
@@ -267,8 +268,9 @@ def test_candidates_carry_the_options():
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, name):
+    tuning = {k: kwargs.pop(k) for k in list(kwargs) if k in {f.name for f in dataclasses.fields(PolicyTuning)}}
     with pytest.raises(ValueError, match=f"`{name}`"):
-        NetSensePolicy(**kwargs)
+        NetSensePolicy(**kwargs, tuning=PolicyTuning(**tuning))
 
 
 def _simulate(
@@ -334,7 +336,7 @@ def _simulate(
 
 def test_closed_loop_drop_and_restore():
     fast, slow = 1000 * MBIT, 20 * MBIT
-    modes = _simulate(NetSensePolicy(confirm=1), LinkEstimator(), [fast] * 10 + [slow] * 20 + [fast] * 20)
+    modes = _simulate(NetSensePolicy(tuning=PolicyTuning(confirm=1)), LinkEstimator(), [fast] * 10 + [slow] * 20 + [fast] * 20)
     assert modes[:10] == ["none"] * 10
     assert modes[10:15] != ["none"] * 5 and all(m != "none" for m in modes[14:30])  # compressing within 5 steps
     assert _changes(modes[14:30]) == 0
@@ -345,7 +347,7 @@ def test_closed_loop_token_bucket_burst_does_not_fool_the_policy():
     """Measured at 20 Mbit/s behind a 128 KB tbf burst: compressed payloads and small probes passed at line rate,
     the estimate went infinite, and NetSense relaxed to dense steps of 4.3 s (and probed with whole buckets)."""
     probes = []
-    modes = _simulate(NetSensePolicy(confirm=1), LinkEstimator(), [20 * MBIT] * 120, burst=125_000.0, probes=probes)
+    modes = _simulate(NetSensePolicy(tuning=PolicyTuning(confirm=1)), LinkEstimator(), [20 * MBIT] * 120, burst=125_000.0, probes=probes)
     assert modes[0] != "none" and "none" not in modes  # never relaxed to a dense step the link cannot carry
     assert probes and sum(probes) <= 0.05 * 0.1 * len(modes) * 1.5  # probes stay within their amortised budget
 
@@ -357,7 +359,7 @@ def test_closed_loop_recovery_and_drop_behind_a_burst_are_vouched_for_within_a_f
     probes = []
     estimator = LinkEstimator()
     slow, fast = 20 * MBIT, 100 * MBIT
-    policy = NetSensePolicy(confirm=1, modes=("none", "powersgd"))  # small payloads: only probes can vouch
+    policy = NetSensePolicy(modes=("none", "powersgd"), tuning=PolicyTuning(confirm=1))  # small payloads: only probes can vouch
     digits = {"numels": (262_144, 1_937_000), "step_time": 0.07, "burst": 131_072.0}  # the MLP's two buckets
     estimates, spent = [], []
     _simulate(policy, estimator, [slow] * 150 + [fast] * 40 + [slow] * 60, probes=probes, estimates=estimates,
@@ -374,7 +376,7 @@ def test_closed_loop_recovery_and_drop_behind_a_burst_are_vouched_for_within_a_f
 
 def test_more_compression_needs_confirmation_by_consecutive_observations():
     """One step's stall (a scheduler hiccup) must not switch codecs; a persistent slow link must, in confirm steps."""
-    policy = NetSensePolicy(confirm=2)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=2))
     # slow enough that plain DDP no longer fits, not so slow that it is urgent (dense at twice the budget)
     fast, slow = observe(100_000 * MBIT), observe(bandwidth_for("none", 2.0))
     assert policy.decide(fast).mode == "none"
@@ -386,11 +388,11 @@ def test_more_compression_needs_confirmation_by_consecutive_observations():
 
 def test_confirm_is_validated():
     with pytest.raises(ValueError, match="confirm"):
-        NetSensePolicy(confirm=0)
+        NetSensePolicy(tuning=PolicyTuning(confirm=0))
 
 
 def test_an_urgent_drop_skips_confirmation():
-    policy = NetSensePolicy(confirm=3)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=3))
     assert policy.decide(observe(100_000 * MBIT)).mode == "none"
     assert policy.decide(observe(bandwidth_for("none", 20.0))).mode != "none"  # 20x over budget: at once
 
@@ -398,12 +400,12 @@ def test_an_urgent_drop_skips_confirmation():
 def test_when_nothing_fits_progress_per_second_beats_raw_step_time():
     """A fast step that carries a 90 % error makes little progress: fp16 wins where step time alone picks top-k."""
     obs = observe(bandwidth_for("none", 3.0), errors={"fp16": 3e-4, "bf16": 2e-3, "int8": 0.01, "powersgd": 0.95, "topk": 0.9})
-    policy = NetSensePolicy(confirm=1, modes=("none", "fp16", "topk"))
+    policy = NetSensePolicy(modes=("none", "fp16", "topk"), tuning=PolicyTuning(confirm=1))
     assert comm("topk", obs) < comm("fp16", obs)  # top-k is the faster step ...
     assert policy.decide(obs).mode == "fp16"  # ... but fp16 the faster training
     # on a link so slow that fp16 is a 30x longer step, top-k's lower progress per step is worth it
     slow = observe(bandwidth_for("none", 60.0), errors={"fp16": 3e-4, "topk": 0.9})
-    assert NetSensePolicy(confirm=1, modes=("none", "fp16", "topk")).decide(slow).mode == "topk"
+    assert NetSensePolicy(modes=("none", "fp16", "topk"), tuning=PolicyTuning(confirm=1)).decide(slow).mode == "topk"
 
 
 def test_warmup_decision_compresses_with_stateless_codecs_only_and_keeps_the_hysteresis():
@@ -426,13 +428,13 @@ def test_lower_error_never_buys_more_than_max_slowdown():
     numels = (7_000_000, 4_000_000)
     errors = {"int8": 0.004, "powersgd": 0.9, "topk": 0.95, "fp16": 3e-4, "bf16": 2e-3}
     obs = observe(100 * MBIT, overlap=0.3, step_time=0.5, numels=numels, errors=errors, costs={"powersgd": 1e-9})
-    assert NetSensePolicy(max_slowdown=math.inf).choose(obs) == "int8"  # the unbounded progress model
+    assert NetSensePolicy(tuning=PolicyTuning(max_slowdown=math.inf)).choose(obs) == "int8"  # the unbounded progress model
     assert NetSensePolicy().choose(obs) == "powersgd"  # int8's step would be > 2x PowerSGD's
     # where the slowdown is moderate (1 Gbit/s), the less lossy mode still wins on progress
     fast = observe(1000 * MBIT, overlap=0.3, step_time=0.5, numels=numels, errors=errors)
     assert NetSensePolicy().choose(fast) in ("fp16", "bf16", "int8")
     with pytest.raises(ValueError, match="`max_slowdown`"):
-        NetSensePolicy(max_slowdown=0.5)
+        NetSensePolicy(tuning=PolicyTuning(max_slowdown=0.5))
 
 
 def test_first_decision_sends_every_coordinate_with_its_sign():
@@ -451,9 +453,9 @@ def test_first_decision_sends_every_coordinate_with_its_sign():
     assert first_step_mode(("none", "fp16"), 8) == "fp16"
     assert first_step_mode(("none", "powersgd", "topk"), 2) == "none"
     assert NetSensePolicy(modes=("none", "powersgd")).first_decision(everything, 2) == Decision("none")
-    assert NetSensePolicy(first_mode="none").first_decision(everything, 2) == Decision("none")
-    assert NetSensePolicy(first_mode="bf16").first_decision(everything, 2) == Decision("bf16")
-    assert NetSensePolicy(first_mode="topk").first_decision(everything, 2) == Decision("topk", {"density": 0.01})
+    assert NetSensePolicy(tuning=PolicyTuning(first_mode="none")).first_decision(everything, 2) == Decision("none")
+    assert NetSensePolicy(tuning=PolicyTuning(first_mode="bf16")).first_decision(everything, 2) == Decision("bf16")
+    assert NetSensePolicy(tuning=PolicyTuning(first_mode="topk")).first_decision(everything, 2) == Decision("topk", {"density": 0.01})
     # a decision the hook does not allow in this step is never returned
     assert policy.first_decision([Decision("none")], 2) == Decision("none")
     assert "first_mode='auto'" in repr(policy)
@@ -466,7 +468,7 @@ def test_a_link_never_vouched_for_holds_the_compressed_mode_that_ran():
     policy must not relax (at 20 Mbit/s a dense digits step takes 4 s), nor compress more on a few milliseconds'
     stall; once probes vouch for the link it decides as usual (relaxing after its patience)."""
     psgd = Decision("powersgd", {"rank": 8, "bits": 16})
-    policy = NetSensePolicy(confirm=1)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1))
     fast = dataclasses.replace(observe(100_000 * MBIT), decision=psgd)
     unvouched = dataclasses.replace(fast, link=dataclasses.replace(fast.link, vouched=False))
     assert policy.choose(unvouched) == "none"  # what the rules alone would pick ...
@@ -475,9 +477,9 @@ def test_a_link_never_vouched_for_holds_the_compressed_mode_that_ran():
     # nor more: kilobytes that read slow may be a stall (urgent on a vouched link: at once)
     slow = dataclasses.replace(observe(bandwidth_for("none", 50.0)), decision=Decision("fp16"))
     held = dataclasses.replace(slow, link=dataclasses.replace(slow.link, vouched=False))
-    assert NetSensePolicy(confirm=1).choose(held) not in ("none", "fp16", "bf16")
-    assert NetSensePolicy(confirm=1).decide(held) == Decision("fp16")
-    assert NetSensePolicy(confirm=1).decide(slow).mode not in ("none", "fp16", "bf16")
+    assert NetSensePolicy(tuning=PolicyTuning(confirm=1)).choose(held) not in ("none", "fp16", "bf16")
+    assert NetSensePolicy(tuning=PolicyTuning(confirm=1)).decide(held) == Decision("fp16")
+    assert NetSensePolicy(tuning=PolicyTuning(confirm=1)).decide(slow).mode not in ("none", "fp16", "bf16")
     # the first vouched estimate is decided on at once (the held mode was no choice of the rules) ...
     assert policy.decide(fast).mode == "none"
     # ... and from there on with the usual hysteresis: a relaxation waits `patience` steps that fit
@@ -494,16 +496,16 @@ def test_the_measured_update_error_prices_a_mode_and_the_prior_stands_in_until_t
     assert policy.error(obs.codecs["topk"]) == PRIOR_REL_ERROR["topk"]  # not measured
     assert policy.error(obs.codecs["none"]) == 0.0
     assert policy.efficiency(obs.codecs["powersgd"]) == pytest.approx(1 - 0.3**2)
-    assert NetSensePolicy(prior_errors={"topk": 0.5}).error(obs.codecs["topk"]) == 0.5
+    assert NetSensePolicy(tuning=PolicyTuning(prior_errors={"topk": 0.5})).error(obs.codecs["topk"]) == 0.5
 
 
 def test_a_mode_whose_update_error_reaches_the_budget_is_never_chosen():
     """A cold PowerSGD step early in a transformer's AdamW training measured an update error above 1: its step does
     harm (in the quadratic model the optimizer assumes). Cheap as it is on a slow link, it is not chosen."""
     slow = observe(5 * MBIT, errors={"powersgd": 1.2, "topk": 1.05})
-    mode = NetSensePolicy(confirm=1).decide(slow).mode
+    mode = NetSensePolicy(tuning=PolicyTuning(confirm=1)).decide(slow).mode
     assert mode not in ("powersgd", "topk", "none")
-    assert NetSensePolicy(confirm=1).decide(observe(5 * MBIT, errors={"powersgd": 0.5})).mode == "powersgd"
+    assert NetSensePolicy(tuning=PolicyTuning(confirm=1)).decide(observe(5 * MBIT, errors={"powersgd": 0.5})).mode == "powersgd"
 
 
 def test_unbounded_slowdown_with_a_free_step_still_chooses():
@@ -517,7 +519,7 @@ def test_unbounded_slowdown_with_a_free_step_still_chooses():
 def test_powersgd_options():
     assert {d.mode: d for d in NetSensePolicy().candidates()}["powersgd"].options == {"rank": 8, "bits": 16}
     with pytest.raises(ValueError, match="powersgd_bits"):
-        NetSensePolicy(powersgd_bits=8)
+        NetSensePolicy(tuning=PolicyTuning(powersgd_bits=8))
 
 
 def test_closed_loop_relaxations_a_burst_fed_estimate_justified_back_off():
@@ -550,7 +552,7 @@ def test_closed_loop_relaxations_a_burst_fed_estimate_justified_back_off():
 
 
 def test_the_state_dict_holds_only_what_is_read_back():
-    policy = NetSensePolicy(confirm=1, patience=2)
+    policy = NetSensePolicy(tuning=PolicyTuning(confirm=1, patience=2))
     policy.decide(observe(20 * MBIT))
     for _ in range(3):
         policy.decide(observe(10_000 * MBIT))

@@ -168,3 +168,23 @@ def test_resume_continues_the_decision_state(dist_pool, tmp_path):
         assert r["end"]["policy"] == {"calls": len(consulted), "seen": consulted}
         assert r["end"]["mode_steps"] == r["totals"]
         assert sum(r["totals"].values()) == total and r["totals"]["fp16"] > first - 2
+
+
+def test_a_checkpoint_of_another_policy_leaves_this_policys_state_alone():
+    """The policy state a checkpoint holds belongs to the class that wrote it; another one starts afresh (a strict
+    custom policy would raise on keys it does not know)."""
+    from lightning_netsense import FixedPolicy
+
+    writer = NetSenseState(policy=CountingPolicy())
+    writer.policy.calls = 7
+    writer.decision = Decision("fp16")
+    saved = writer.state_dict()
+    assert saved["policy_class"] == "CountingPolicy"
+
+    class StrictPolicy(FixedPolicy):
+        def load_state_dict(self, state):
+            raise KeyError("not mine")
+
+    reader = NetSenseState(policy=StrictPolicy(mode="int8"))
+    reader.load_state_dict(saved)  # no KeyError: not handed to it
+    assert reader.step == saved["step"] and reader.decision == Decision("none")

@@ -40,6 +40,9 @@ def test_config_builds_strategy_policy_and_monitor(path, tmp_path, monkeypatch):
         assert type(strategy.policy) is policy_cls
     if mode is not None:
         assert strategy.policy.decision.mode == mode
+    if os.path.basename(path) == "netsense_adaptive.yaml":  # the tuning object and the probes, from YAML
+        assert strategy.policy.tuning.patience == 5 and strategy.policy.modes == ("none", "fp16", "int8", "topk")
+        assert strategy._netsense_config["probe_every"] == 2
 
 
 def _run_cli(config: str, root: str, max_steps: int) -> dict:

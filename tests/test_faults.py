@@ -225,7 +225,7 @@ def _fit(root: str, policy: str, steps: int, ckpt_in: str | None = None, ckpt_ou
         def on_train_start(self, trainer, pl_module):
             state = trainer.strategy.netsense_state
             self.at_start = {"step": state.step, "global_step": trainer.global_step,
-                             "mode_steps": dict(state.mode_steps)}
+                             "mode_steps": dict(state.mode_steps), "samples": state.estimator.compute().samples}
 
     start = _Start()
     pl.seed_everything(3, verbose=False)
@@ -255,6 +255,7 @@ def test_resume_with_another_policy(dist_pool, tmp_path):
             # the counters and totals continue from the checkpoint...
             assert r["at_start"]["step"] == 4 and r["at_start"]["global_step"] == 4
             assert r["at_start"]["mode_steps"] == first[0]["mode_steps"]
+            assert r["at_start"]["samples"] > 0  # the same ranks: the link estimate carries over
             assert r["step"] == 9 and sum(r["mode_steps"].values()) == 9
             # ...and the new policy decides from the resumed run's warm-up on (the saved decision is not kept)
             added = {m: n - first[0]["mode_steps"].get(m, 0) for m, n in r["mode_steps"].items()}
@@ -292,6 +293,7 @@ def test_resume_with_another_world_size(dist_pool, tmp_path):
     for r in out:
         assert r["at_start"]["step"] == 7 and r["at_start"]["global_step"] == 7
         assert r["at_start"]["mode_steps"] == single["mode_steps"]
+        assert r["at_start"]["samples"] == 0  # measured on one rank: the estimate starts afresh on two
         assert r["step"] == 10 and sum(r["mode_steps"].values()) == 10
         assert bool(torch.isfinite(r["params"]).all())
     assert out[0]["decision"] == out[1]["decision"]

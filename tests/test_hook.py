@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_netsense import Decision, FixedPolicy, NetSensePolicy, Policy
+from lightning_netsense.adaptive import PolicyTuning
 from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.ledger import CodecLedger
 from lightning_netsense.observation import Measurements
@@ -284,7 +285,7 @@ def test_a_boundarys_calibration_and_probe_are_not_counted_in_the_next_step(dist
 def _first_steps(pause: float = 0.0, steps: int = 3, probe_every: int = 2, first_mode: str = "auto") -> dict:
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
-    state = NetSenseState(policy=NetSensePolicy(first_mode=first_mode), probe_every=probe_every)
+    state = NetSenseState(policy=NetSensePolicy(tuning=PolicyTuning(first_mode=first_mode)), probe_every=probe_every)
     ddp.register_comm_hook(state, netsense_hook)
     used, samples, residuals, step_times, vouched, probes = [], [], [], [], [], []
     for step in range(steps):
@@ -344,7 +345,7 @@ def _ladder() -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 8))
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=4)
-    state = NetSenseState(policy=NetSensePolicy(first_mode="powersgd"))
+    state = NetSenseState(policy=NetSensePolicy(tuning=PolicyTuning(first_mode="powersgd")))
     ddp.register_comm_hook(state, netsense_hook)
     sizes, vouched, caps = [], [], []
     for step in range(5):

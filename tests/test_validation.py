@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lightning_netsense import AIMDPolicy, Decision, FixedPolicy, NetSenseMonitor, NetSensePolicy, NetSenseStrategy
+from lightning_netsense.adaptive import PolicyTuning
 from lightning_netsense._validation import (
     check_bool,
     check_choice,
@@ -49,6 +50,10 @@ TABLE = [
     ("strategy", NetSenseStrategy, "error_feedback", {"type": ["yes", 1, None]}, [False]),
     ("strategy", NetSenseStrategy, "warmup_steps",
      {"type": [2.5, "1", True, 2.0], "range": [0, -1], "nan": [NAN], "inf": [INF]}, [1, 3]),
+    ("strategy", NetSenseStrategy, "probe_every", {"type": [1.5, True], "range": [-1], "nan": [NAN], "inf": [INF]},
+     [0, 5]),
+    ("strategy", NetSenseStrategy, "probe_fraction", {"range": [0.0, 1.5], "nan": [NAN], "inf": [INF]}, [1.0]),
+    ("strategy", NetSenseStrategy, "estimator", {"type": ["x", {"window_steps": 4}]}, [None, LinkEstimator()]),
     ("strategy", NetSenseStrategy, "find_unused_parameters", {"type": ["yes", 1, None]}, [True]),
     ("strategy", NetSenseStrategy, "static_graph", {"type": ["no", 0]}, [True]),
     ("strategy", NetSenseStrategy, "gradient_as_bucket_view", {"type": ["x", 1]}, [True]),
@@ -91,25 +96,26 @@ TABLE = [
      {"type": ["0.1", True], "range": [0.0, 1.5, -0.1], "nan": [NAN], "inf": [INF]}, [1.0, 1e-4, 1]),
     ("NetSensePolicy", NetSensePolicy, "powersgd_rank",
      {"type": [2.5, 2.0, True, "8"], "range": [0, -1], "nan": [NAN], "inf": [INF]}, [1, 64]),
-    ("NetSensePolicy", NetSensePolicy, "powersgd_bits", {"type": [True, "16", NAN], "range": [8, 64, 0]}, [16, 32]),
-    ("NetSensePolicy", NetSensePolicy, "slack", {"type": ["1"], "range": [0.0, -1.0], "nan": [NAN], "inf": [INF]},
+    ("PolicyTuning", PolicyTuning, "powersgd_bits", {"type": [True, "16", NAN], "range": [8, 64, 0]}, [16, 32]),
+    ("PolicyTuning", PolicyTuning, "slack", {"type": ["1"], "range": [0.0, -1.0], "nan": [NAN], "inf": [INF]},
      [0.1, 3]),
     ("NetSensePolicy", NetSensePolicy, "max_rel_error", {"range": [0.0, -1.0], "nan": [NAN], "inf": [INF]}, [2.0]),
-    ("NetSensePolicy", NetSensePolicy, "margin", {"range": [1.0, -0.1], "nan": [NAN], "inf": [INF]}, [0.0, 0.99]),
-    ("NetSensePolicy", NetSensePolicy, "patience", {"type": [1.5, True], "range": [0], "nan": [NAN], "inf": [INF]},
+    ("PolicyTuning", PolicyTuning, "margin", {"range": [1.0, -0.1], "nan": [NAN], "inf": [INF]}, [0.0, 0.99]),
+    ("PolicyTuning", PolicyTuning, "patience", {"type": [1.5, True], "range": [0], "nan": [NAN], "inf": [INF]},
      [1]),
-    ("NetSensePolicy", NetSensePolicy, "max_patience", {"type": [64.0], "range": [1], "nan": [NAN], "inf": [INF]},
+    ("PolicyTuning", PolicyTuning, "max_patience", {"type": [64.0], "range": [1], "nan": [NAN], "inf": [INF]},
      [5, 1000]),
-    ("NetSensePolicy", NetSensePolicy, "tolerance", {"range": [-0.1], "nan": [NAN], "inf": [INF]}, [0, 1.0]),
-    ("NetSensePolicy", NetSensePolicy, "confirm", {"type": [1.5], "range": [0], "nan": [NAN], "inf": [INF]}, [1]),
-    ("NetSensePolicy", NetSensePolicy, "urgent", {"range": [1.0, 0.5], "nan": [NAN], "inf": [INF]}, [1.01]),
-    ("NetSensePolicy", NetSensePolicy, "efficiency_floor", {"range": [0.0, 1.5], "nan": [NAN], "inf": [INF]}, [1.0]),
-    ("NetSensePolicy", NetSensePolicy, "max_slowdown", {"type": ["2"], "range": [0.5], "nan": [NAN]}, [1, INF]),
-    ("NetSensePolicy", NetSensePolicy, "prior_errors",
+    ("PolicyTuning", PolicyTuning, "tolerance", {"range": [-0.1], "nan": [NAN], "inf": [INF]}, [0, 1.0]),
+    ("PolicyTuning", PolicyTuning, "confirm", {"type": [1.5], "range": [0], "nan": [NAN], "inf": [INF]}, [1]),
+    ("PolicyTuning", PolicyTuning, "urgent", {"range": [1.0, 0.5], "nan": [NAN], "inf": [INF]}, [1.01]),
+    ("PolicyTuning", PolicyTuning, "efficiency_floor", {"range": [0.0, 1.5], "nan": [NAN], "inf": [INF]}, [1.0]),
+    ("PolicyTuning", PolicyTuning, "max_slowdown", {"type": ["2"], "range": [0.5], "nan": [NAN]}, [1, INF]),
+    ("PolicyTuning", PolicyTuning, "prior_errors",
      {"type": [[("topk", 0.5)], "topk", 0.5], "range": [{"topk": -1.0}], "nan": [{"topk": NAN}],
       "inf": [{"topk": INF}], "name": [{"topK": 0.0}, {1: 0.5}, {"zip": 0.1}]},
      [None, {}, {"topk": 0.5, "powersgd": 0.0}]),
-    ("NetSensePolicy", NetSensePolicy, "first_mode", {"type": [1, None], "name": ["zstd", "AUTO"]},
+    ("NetSensePolicy", NetSensePolicy, "tuning", {"type": [{"patience": 3}, "x"]}, [None, PolicyTuning()]),
+    ("PolicyTuning", PolicyTuning, "first_mode", {"type": [1, None], "name": ["zstd", "AUTO"]},
      ["auto", "none", "int8", "powersgd"]),
     # ------------------------------------------------------------------ FixedPolicy and the codecs' options
     ("FixedPolicy", FixedPolicy, "mode", {"type": [3, None, ["fp16"]], "name": ["fp8", "FP16"]},
@@ -177,7 +183,7 @@ TABLE = [
     ("NetSenseMonitor", NetSenseMonitor, "summary", {"type": ["no", 1, None]}, [False]),
 ]
 
-_EXTRA = {("NetSensePolicy", "max_patience"): {"patience": 4}}  # a bound that depends on another argument
+_EXTRA = {("PolicyTuning", "max_patience"): {"patience": 4}}  # a bound that depends on another argument
 
 
 def _bad_cases():
@@ -215,8 +221,8 @@ def test_every_public_constructor_argument_is_in_the_table():
 
     # a row counts for a class if it builds the class itself or a variant labelled after it ("FixedPolicy(topk)")
     rows = {(row[1], row[2]) for row in TABLE} | {(row[0].split("(")[0], row[2]) for row in TABLE}
-    for cls in (NetSenseStrategy, NetSensePolicy, FixedPolicy, AIMDPolicy, NetSenseState, LinkEstimator,
-                NetSenseMonitor, Decision):
+    for cls in (NetSenseStrategy, NetSensePolicy, PolicyTuning, FixedPolicy, AIMDPolicy, NetSenseState,
+                LinkEstimator, NetSenseMonitor, Decision):
         for name, p in inspect.signature(cls.__init__).parameters.items():
             if name == "self" or p.kind is p.VAR_KEYWORD:
                 continue
@@ -229,7 +235,7 @@ def test_every_public_constructor_argument_is_in_the_table():
 def test_unknown_keyword_of_a_fixed_signature_is_pythons_own_type_error():
     # Only NetSenseStrategy takes **kwargs (for DistributedDataParallel) and so looks names up itself; elsewhere
     # Python refuses an unknown keyword, naming it, before any check runs.
-    for cls in (NetSensePolicy, FixedPolicy, AIMDPolicy, NetSenseState, LinkEstimator, NetSenseMonitor):
+    for cls in (NetSensePolicy, PolicyTuning, FixedPolicy, AIMDPolicy, NetSenseState, LinkEstimator, NetSenseMonitor):
         with pytest.raises(TypeError, match="slak"):
             cls(slak=1.0)
 
