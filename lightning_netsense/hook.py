@@ -40,9 +40,9 @@ from lightning_netsense.observation import (
     wire_bytes,
 )
 from lightning_netsense.policy import FixedPolicy, Policy
-from lightning_netsense.probes import ProbeScheduler
+from lightning_netsense.probes import ProbeScheduler, probe_cap
 from lightning_netsense.recorder import RecordedStep, StepRecorder
-from lightning_netsense.sensing import LinkEstimator, peak_in_flight, probe_cap, queue_corrected_durations
+from lightning_netsense.sensing import LinkEstimator, peak_in_flight, queue_corrected_durations
 from lightning_netsense.update_error import SecondMoments, relative
 
 __all__ = ["NetSenseState", "netsense_hook"]

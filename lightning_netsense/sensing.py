@@ -16,14 +16,9 @@ from lightning_netsense._validation import check_int, check_number
 from lightning_netsense.observation import LinkEstimate
 
 __all__ = [
-    "CALM_FACTOR",
-    "CALM_SECONDS",
     "LinkEstimator",
     "fit_latency_bandwidth",
     "peak_in_flight",
-    "probe_answered_fast",
-    "probe_size",
-    "probe_wait",
     "queue_corrected_durations",
     "step_fit",
     "weighted_median",
@@ -49,101 +44,6 @@ def queue_corrected_durations(launch: Sequence[float], end: Sequence[float]) -> 
         out[i] = max(end[i] - start, _MIN_SECONDS)
         free_at = max(free_at, end[i])
     return out
-
-
-#: factor between consecutive probes of a chain that keeps answering fast (see :func:`probe_size`)
-_PROBE_GROWTH = 4.0
-
-
-def probe_size(
-    bandwidth: float,
-    fast: bool,
-    previous: float,
-    step_seconds: float,
-    largest: float,
-    fraction: float,
-    every: int,
-    floor: float = 64 * 1024,
-    slow: bool = False,
-) -> int:
-    """Bytes of the next bandwidth probe (a multiple of 4, in ``[min(floor, largest), largest]``).
-
-    ``fraction`` of the ``every`` steps until the next probe at the estimated ``bandwidth``; four times
-    ``previous`` while the last probe answered ``fast`` (:func:`probe_answered_fast`), as TCP's slow start, and
-    ``largest`` itself once four times ``previous`` is more than half of it. A
-    shaper's burst also answers fast, so the size grows until the probe measures the sustained rate or reaches
-    ``largest`` (the hook passes the size that vouches for a recovery, see :class:`LinkEstimator`). Growth by 4,
-    not 2, so that a ladder reaches the vouching size within a few steps; never the largest size straight away,
-    which on a slow, unmeasured link costs seconds.
-
-    A probe that answered ``slow`` (:func:`probe_answered_slow`) beyond a shaper's burst is followed by one of
-    ``largest``: a small probe may lower the estimate but cannot replace the last vouched one, so a drop seen by
-    small probes alone would be forgotten as soon as the window's small payloads passed in a burst again.
-    """
-    if largest <= 0:
-        return 0
-    floor = min(floor, largest)
-    if slow:
-        size = largest
-    elif fast:
-        size = _PROBE_GROWTH * previous
-        if 2 * size > largest:
-            # within a factor two of the vouching size: that size itself. A rung just below it costs nearly as
-            # much and vouches for nothing
-            size = largest
-    elif math.isfinite(bandwidth):
-        size = bandwidth * fraction * step_seconds * every
-    else:
-        size = 2.0 * previous
-    return int(min(max(size, floor), largest)) // 4 * 4
-
-
-def probe_cap(largest: float, vouch_fraction: float) -> int:
-    """Largest probe worth sending: the smallest that vouches for the link (``vouch_fraction`` of the largest
-    dense bucket, rounded up to whole float32 elements, never above the bucket). A probe and a dense bucket are
-    both allreduced, so the ratio holds on the wire (see :class:`LinkEstimator`)."""
-    return int(min(largest, 4 * math.ceil(vouch_fraction * largest / 4) + 4))
-
-
-def probe_answered_fast(believed: LinkEstimate, wire: float, seconds: float) -> bool:
-    """Whether a probe of ``wire`` bytes took under half the time the believed link needs for it."""
-    return seconds > 0 and seconds < 0.5 * believed.time(wire)
-
-
-def probe_answered_slow(believed: LinkEstimate, wire: float, seconds: float) -> bool:
-    """Whether a probe of ``wire`` bytes took over twice the time the believed link needs for it."""
-    return seconds > 0 and seconds > 2.0 * believed.time(wire)
-
-
-#: while probes answer as believed, the wait between them doubles per probe (:func:`probe_wait`'s ``calm``), up
-#: to this many times ``every`` and this many seconds of steps: a recovery is still seen within that time
-CALM_FACTOR = 16
-CALM_SECONDS = 4.0
-
-
-def probe_wait(
-    seconds: float, step_seconds: float, fraction: float, every: int, follow_up: bool = False, calm: int = 0
-) -> int:
-    """Steps until the next probe, after probes that took ``seconds`` in all.
-
-    At least ``every``, and enough steps that the probes took at most ``fraction`` of them (an amortised budget
-    from the measured, not the predicted, time). With ``follow_up`` (the last probe answered fast or slow, see
-    :func:`probe_answered_fast` and :func:`probe_answered_slow`, and was below the vouching size) the next
-    probe runs at the next step instead: the link may have changed, and each step on a wrong belief costs
-    progress. Such a chain is paid for after its last probe: the hook passes the chain's total ``seconds``.
-
-    ``calm`` probes in a row answered as believed: the wait is at least ``every * 2**calm``, up to
-    :data:`CALM_FACTOR` times ``every`` and :data:`CALM_SECONDS` of steps (never below ``every``): on a steady
-    link, probing at the base rate would spend the whole budget confirming what is known.
-    """
-    if follow_up:
-        return 1
-    amortised = math.ceil(seconds / (fraction * max(step_seconds, 1e-3)))
-    wait = max(every, amortised)
-    if calm > 0:
-        most = max(every, min(every * CALM_FACTOR, int(CALM_SECONDS / max(step_seconds, 1e-3))))
-        wait = max(wait, min(every << min(calm, 16), most))
-    return wait
 
 
 def peak_in_flight(launch: Sequence[float], end: Sequence[float], nbytes: Sequence[float]) -> float:

@@ -11,14 +11,8 @@ import torch
 from lightning_netsense.adaptive import PRIOR_REL_ERROR, NetSensePolicy, first_step_mode, predicted_comm_time
 from lightning_netsense.adaptive import PolicyTuning
 from lightning_netsense.observation import CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
-from lightning_netsense.sensing import (
-    LinkEstimator,
-    probe_answered_fast,
-    probe_answered_slow,
-    probe_cap,
-    probe_size,
-    probe_wait,
-)
+from lightning_netsense.probes import probe_answered_fast, probe_answered_slow, probe_cap, probe_size, probe_wait
+from lightning_netsense.sensing import LinkEstimator
 
 MBIT = 1e6 / 8
 NUMELS = (250_000, 750_000)  # two fp32 buckets, 4 MB of gradients

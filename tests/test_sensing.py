@@ -8,17 +8,19 @@ import pytest
 import torch
 
 from lightning_netsense.observation import LinkEstimate, allgather_wire_bytes, allreduce_wire_bytes
-from lightning_netsense.sensing import (
+from lightning_netsense.probes import (
     CALM_FACTOR,
     CALM_SECONDS,
-    LinkEstimator,
-    fit_latency_bandwidth,
-    peak_in_flight,
     probe_answered_fast,
     probe_answered_slow,
     probe_cap,
     probe_size,
     probe_wait,
+)
+from lightning_netsense.sensing import (
+    LinkEstimator,
+    fit_latency_bandwidth,
+    peak_in_flight,
     queue_corrected_durations,
     step_fit,
     weighted_median,
