@@ -148,10 +148,13 @@ def preconditioner(parts: Sequence[tuple[Tensor, Tensor | None]], moments: Secon
         else:
             flat = v.detach().reshape(-1)
             a = (flat if local is None else flat.index_select(0, local)).float() * m.beta2
-        if m.bias_correction:  # 1 - beta2 ** (t + 1) for the optimizer's coming step t + 1 (no host read of t)
+        if m.bias_correction:  # 1 - beta2 ** (t + 1) for the optimizer's coming step t + 1
             step = m.state.get("step", 0)
-            step = step.detach().to(device=device, dtype=torch.float32) if isinstance(step, Tensor) else float(step)
-            bc = (1.0 - m.beta2 ** (torch.as_tensor(step, device=device) + 1)).expand(n)
+            if isinstance(step, Tensor) and step.device.type != "cpu":  # a capturable optimizer: stay on the device
+                bc = (1.0 - m.beta2 ** (step.detach().to(device=device, dtype=torch.float32) + 1)).expand(n)
+            else:  # a count in host memory (torch's default): read without waiting for the device
+                count = step.detach().tolist() if isinstance(step, Tensor) else step
+                bc = full(1.0 - m.beta2 ** (float(count) + 1))
         else:
             bc = full(1.0)
         for col, value in zip(cols, (a, full(m.gain), bc, full(m.eps))):
