@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         high, total = pack(local)
         reduced = (high.clone(), total.clone())  # what the collective hands back
 
-        def by_reduction() -> None:
+        def by_reduction(reduced: tuple = reduced) -> None:
             pack(local)
             finish(*reduced)
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         # reads them all and combines them column by column
         gathered = torch.stack([torch.cat(pack(_local(i % 64))) for i in range(world)])
 
-        def by_gather() -> None:
+        def by_gather(gathered: torch.Tensor = gathered) -> None:
             pack(local)
             rows = gathered.tolist()
             [max(column) for column in zip(*rows)]  # noqa: B018 - the combination is the work timed

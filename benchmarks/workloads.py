@@ -18,7 +18,6 @@ data in the same order), the loss, and - for digits - an evaluation on the held-
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import sysconfig

@@ -9,12 +9,12 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["START_METHODS", "check_backend", "check_ddp_kwargs", "check_devices", "known_backends"]
-
 import torch
 from torch.nn.parallel.distributed import DistributedDataParallel
 
 from lightning_netsense._validation import check_bool, check_instance, check_int, refuse
+
+__all__ = ["START_METHODS", "check_backend", "check_ddp_kwargs", "check_devices", "known_backends"]
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
 # DistributedDataParallel flags that also take None (torch 2.13: "bool or None", default None)

@@ -6,7 +6,7 @@ Nothing here touches ``torch.distributed``: a policy is unit-tested by building 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 

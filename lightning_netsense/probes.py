@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_netsense.observation import LinkEstimate, Measurements, Observation, allreduce_wire_bytes
+
 __all__ = [
     "CALM_FACTOR",
     "CALM_SECONDS",

@@ -20,8 +20,8 @@ from lightning_netsense._ddp_arguments import START_METHODS, check_backend, chec
 from lightning_netsense._validation import check_bool, check_choice, check_instance, check_number, check_timedelta
 from lightning_netsense.adaptive import NetSensePolicy
 from lightning_netsense.hook import NetSenseState, netsense_hook
-from lightning_netsense.sensing import LinkEstimator
 from lightning_netsense.policy import Policy
+from lightning_netsense.sensing import LinkEstimator
 from lightning_netsense.update_error import SecondMoments
 
 if TYPE_CHECKING:

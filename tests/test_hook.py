@@ -432,7 +432,6 @@ def _residual_across_a_plain_step() -> dict:
         x, y = _batch(dist.get_rank(), step)
         ddp.zero_grad()
         nn.functional.mse_loss(ddp(x), y).backward()
-        residual = sum(float(r.double().sum()) for r in state.feedback._residuals.values())
         state.end_step()
         residuals.append(len(state.feedback))
         sent.append(float(sum(p.grad.double().sum() for p in model.parameters())))
