@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 
-from lightning_netsense.adaptive import PRIOR_REL_ERROR, NetSensePolicy, first_step_mode, predicted_comm_time
-from lightning_netsense.adaptive import PolicyTuning
+from lightning_netsense.adaptive import (
+    PRIOR_REL_ERROR,
+    NetSensePolicy,
+    PolicyTuning,
+    first_step_mode,
+    predicted_comm_time,
+)
 from lightning_netsense.observation import CodecProfile, Decision, LinkEstimate, Observation, wire_bytes
 from lightning_netsense.probes import probe_answered_fast, probe_answered_slow, probe_cap, probe_size, probe_wait
 from lightning_netsense.sensing import LinkEstimator

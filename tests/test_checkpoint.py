@@ -9,8 +9,8 @@ import torch
 
 import lightning_netsense as ln
 from lightning_netsense import Decision, Policy
-from lightning_netsense.hook import NetSenseState
 from lightning_netsense.callback import NetSenseMonitor
+from lightning_netsense.hook import NetSenseState
 
 
 class CountingPolicy(Policy):

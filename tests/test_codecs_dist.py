@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_netsense import Decision, FixedPolicy, NetSenseStrategy, Policy
-from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.codecs import CODECS, BucketLayout
+from lightning_netsense.hook import NetSenseState, netsense_hook
 
 LOSSY = ("int8", "topk", "powersgd")
 # several buckets of several shapes: matrices (compressed by PowerSGD), vectors, a conv-shaped 4-D gradient

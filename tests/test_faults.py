@@ -215,8 +215,8 @@ def _fit(root: str, policy: str, steps: int, ckpt_in: str | None = None, ckpt_ou
     """On each pool rank: train the digits MLP to ``steps`` (resuming from ``ckpt_in``), write ``ckpt_out``."""
     import lightning.pytorch as pl
     from digits import DigitsClassifier, DigitsDataModule
-
     from fault_worker import _policy
+
     from lightning_netsense import NetSenseStrategy
 
     class _Start(pl.Callback):

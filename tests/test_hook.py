@@ -15,8 +15,7 @@ from lightning_netsense.adaptive import PolicyTuning
 from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.ledger import CodecLedger
 from lightning_netsense.observation import Measurements
-from lightning_netsense.probes import ProbeScheduler
-from lightning_netsense.probes import probe_cap
+from lightning_netsense.probes import ProbeScheduler, probe_cap
 
 
 def _model() -> nn.Module:

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_netsense import FixedPolicy
-from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.codecs import BucketLayout
+from lightning_netsense.hook import NetSenseState, netsense_hook
 from lightning_netsense.ledger import CodecLedger
 from lightning_netsense.observation import Decision
 

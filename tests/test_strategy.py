@@ -83,9 +83,8 @@ def test_strategy_pickles_for_spawn():
 def _lightning_fit(strategy_name: str, mode: str, max_steps: int, accumulate: int = 1) -> dict:
     """Train the digits MLP on this rank; return the flat parameters and what the hook saw."""
     import lightning.pytorch as pl
-    from lightning.pytorch.strategies import DDPStrategy
-
     from digits import DigitsClassifier, DigitsDataModule
+    from lightning.pytorch.strategies import DDPStrategy
 
     class _Probe(pl.Callback):
         comm_hook = None
@@ -164,7 +163,6 @@ def test_lightning_gradient_accumulation_counts_synchronising_steps(dist_pool):
 def test_spawn_start_method_trains(tmp_path):
     """The real `netsense_ddp_spawn` path: the strategy and its policy cross a pickle into fresh processes."""
     import lightning.pytorch as pl
-
     from digits import DigitsClassifier, DigitsDataModule
 
     pl.seed_everything(0, verbose=False)

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from lightning_netsense import AIMDPolicy, Decision, FixedPolicy, NetSenseMonitor, NetSensePolicy, NetSenseStrategy
-from lightning_netsense.adaptive import PolicyTuning
 from lightning_netsense._validation import (
     check_bool,
     check_choice,
@@ -26,6 +25,7 @@ from lightning_netsense._validation import (
     check_timedelta,
     refuse,
 )
+from lightning_netsense.adaptive import PolicyTuning
 from lightning_netsense.codecs import Int8Codec, PowerSGDCodec, TopKCodec
 from lightning_netsense.hook import NetSenseState
 from lightning_netsense.sensing import LinkEstimator
