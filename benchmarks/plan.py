@@ -1,0 +1,182 @@
+"""What the shaped-link benchmark runs: the presets, and the schedule that turns one into jobs as results come in.
+
+Per workload (:data:`BENCH`: model options, quality metric and target, budgets) and preset (:data:`PRESETS`):
+
+* the references (``ideal``, ``ideal_sync``, unshaped) run first and, with ``ref_repeats=2``, last again; the
+  faster run counts;
+* on each *target trace*, ``repeats`` times: NetSensePolicy first (to ``quality_steps`` or the cap: its final
+  quality is compared with plain DDP's), then the static twins, each stopped at the target and capped at
+  ``twin_factor`` times NetSense's time to target in the same repeat (a twin slower than that cannot decide a
+  target whose threshold is below the factor, and its time is then reported as a bound). The repeats after the
+  first rerun only the twins that came within ``rerun_within`` of the best twin in the first (the others keep
+  their first, censored, time);
+* on each *baseline trace*, once: plain DDP, torch's hooks and AIMDPolicy, stopped at the target and capped at
+  ``baseline_factor`` times NetSense's first time to target;
+* the quality reference: plain DDP on the unshaped link to ``quality_steps`` (its maths do not depend on the link).
+
+For a throughput workload (no evaluation) every run trains a fixed number of steps (``steps``) under the cap; on
+the dynamic trace its "target" is ``target_steps`` steps, the time to finish them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from names import REFERENCES, TWINS
+
+__all__ = ["BASELINES", "BENCH", "PRESETS", "WARMUP_STEPS", "job_spec", "run_workload"]
+
+#: steps left out of samples/s: step 1 (DDP rebuilds its buckets after it; NetSense's first step), step 2 (the
+#: first step a policy decided, after its codecs were timed) and step 3
+WARMUP_STEPS = 3
+BASELINES: tuple[str, ...] = ("ddp", "torch_fp16", "torch_powersgd", "aimd")
+
+#: per workload: `options` of workloads.make_workload, `metric` ("accuracy", "loss" or None for throughput),
+#: `target`, `quality_steps` (NetSense's and the reference's step budget: final quality is compared there),
+#: evaluation every `eval_every` steps or `eval_every_s` training seconds, `cap_s` on the training clock;
+#: throughput workloads: `steps` per run and `target_steps` on the dynamic trace
+BENCH: dict[str, dict[str, Any]] = {
+    # 97 %: plain DDP gets there at step 80 (95 %, the old target, at step 30: inside the first phase of any trace)
+    "digits": {"options": {}, "metric": "accuracy", "target": 0.97, "quality_steps": 150, "eval_every": 5,
+               "eval_every_s": 0.5, "cap_s": 30.0, "tolerance": 0.005},
+    # width 96, 2 layers: 0.25 M parameters, 1.0 MB of gradients (0.4 s per plain allreduce at 20 Mbit/s, against a
+    # step of 50-100 ms); plain DDP reaches 3.0 nats at step ~80. 4 validation batches: 0.1-0.2 s per evaluation
+    "gpt": {"options": {"width": 96, "layers": 2, "heads": 4, "val_batches": 4}, "metric": "loss", "target": 3.0,
+            "quality_steps": 120, "eval_every": 5, "eval_every_s": 1.0, "cap_s": 40.0, "tolerance": 0.02},
+    # a ResNet-18 of half the width: 2.8 M parameters, 11.2 MB of gradients (0.9 s per plain allreduce at
+    # 100 Mbit/s against a 50-90 ms step); random labels, throughput only
+    "cnn": {"options": {"width": 32}, "metric": None, "steps": WARMUP_STEPS + 20, "target_steps": 60,
+            "cap_s": 10.0, "cap_s_dynamic": 20.0},
+}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        "digits": {"target_traces": ["20m", "100m", "1g", "unshaped", "dynamic"], "once_traces": ["congestion"],
+                   "baseline_traces": ["20m", "1g", "dynamic", "congestion"], "repeats": 2, "ref_repeats": 1},
+        "gpt": {"target_traces": ["20m", "100m", "1g", "unshaped", "dynamic"], "once_traces": ["congestion"],
+                "baseline_traces": ["20m", "1g", "dynamic"], "repeats": 2, "ref_repeats": 1},
+        "cnn": {"target_traces": ["20m", "100m", "1g", "unshaped", "dynamic"], "once_traces": [],
+                "baseline_traces": ["100m", "1g"], "repeats": 2, "ref_repeats": 2},
+    },
+    "quick": {
+        # the dynamic traces (the adaptation targets and the sensing measures) and the CNN at 100 Mbit/s
+        "digits": {"target_traces": ["dynamic"], "once_traces": [], "baseline_traces": [], "repeats": 2,
+                   "ref_repeats": 0},
+        "gpt": {"target_traces": ["dynamic"], "once_traces": [], "baseline_traces": [], "repeats": 2,
+                "ref_repeats": 0},
+        "cnn": {"target_traces": ["100m"], "once_traces": [], "baseline_traces": [], "repeats": 2,
+                "ref_repeats": 2, "twins": False},
+    },
+}
+#: twins are capped at this many times NetSense's time to target of the same repeat: above 1 / 0.77 on the dynamic
+#: trace (its target), above 1 / 0.95 on the static ones, with a margin
+TWIN_FACTOR = {"dynamic": 1.6, "static": 1.3}
+BASELINE_FACTOR = 2.0
+#: floor of every derived cap, training seconds (a very fast NetSense run must not starve the twins)
+MIN_CAP_S = 3.0
+#: a repeat after the first reruns the twins within this factor of the first repeat's best twin
+RERUN_WITHIN = 1.5
+
+
+def preset(name: str) -> dict[str, dict[str, Any]]:
+    """A deep copy of preset ``name`` with every workload's :data:`BENCH` settings merged in."""
+    out = {}
+    for wl, cfg in PRESETS[name].items():
+        out[wl] = {**copy.deepcopy(BENCH[wl]), **copy.deepcopy(cfg)}
+    return out
+
+
+def job_spec(workload: str, contender: str, trace: str | None, cfg: dict[str, Any], rep: int = 0,
+             cap_s: float | None = None, stop_at_target: bool = False, role: str = "run") -> dict[str, Any]:
+    """The job of one run (what ``bench_worker.py`` reads), before the driver numbers it.
+
+    ``role``: ``"run"``, or ``"quality"`` for plain DDP's quality reference (unshaped, to ``quality_steps``).
+    """
+    dynamic = trace == "dynamic"
+    if cfg["metric"] is None:  # throughput: a fixed number of steps; on the dynamic trace, the time to finish them
+        budget = cfg["target_steps"] if dynamic else cfg["steps"]
+        cap = cfg.get("cap_s_dynamic", cfg["cap_s"]) if dynamic else cfg["cap_s"]
+    else:
+        budget, cap = cfg["quality_steps"], cfg["cap_s"]
+    return {
+        "workload": workload, "workload_options": cfg["options"], "contender": contender, "trace": trace,
+        "rep": rep, "role": role, "seed": cfg.get("seed", 0), "steps": budget,
+        "cap_s": min(cap, cap_s) if cap_s else cap,
+        "eval_every": cfg.get("eval_every") or 10**9, "eval_every_s": cfg.get("eval_every_s", 0.0),
+        "metric": cfg["metric"], "target": cfg.get("target"),
+        "target_steps": cfg["target_steps"] if cfg["metric"] is None and dynamic else None,
+        "stop_at_target": stop_at_target, "torch_powersgd": cfg.get("torch_powersgd", False),
+    }
+
+
+def _derived_cap(ns: dict[str, Any] | None, factor: float, cfg_cap: float) -> float:
+    """``factor`` times NetSense's time to target (its whole run when it did not get there), within bounds."""
+    if ns is None:
+        return cfg_cap
+    t = ns.get("tts_s") if ns.get("tts_s") is not None else ns.get("train_s")
+    return cfg_cap if not t else min(cfg_cap, max(MIN_CAP_S, factor * t))
+
+
+def _rerun(first: list[dict[str, Any]], throughput: bool) -> set[str]:
+    """The twins of the first repeat worth repeating: within :data:`RERUN_WITHIN` of the best one."""
+    if throughput:
+        sps = {s["contender"]: s.get("samples_per_s") or 0.0 for s in first}
+        best = max(sps.values(), default=0.0)
+        return {c for c, v in sps.items() if v > 0 and v * RERUN_WITHIN >= best}
+    reached = {s["contender"]: s["tts_s"] for s in first if s.get("tts_s") is not None}
+    if not reached:
+        return set()
+    best = min(reached.values())
+    return {c for c, t in reached.items() if t <= RERUN_WITHIN * best}
+
+
+def run_workload(workload: str, cfg: dict[str, Any], execute: Callable[[dict[str, Any]], dict[str, Any] | None],
+                 contenders: Iterable[str] | None = None) -> None:
+    """Run every job of ``workload``'s preset ``cfg`` through ``execute`` (job spec -> run summary, or ``None``
+    when the job failed), choosing caps and reruns from the results as they come in.
+
+    ``contenders`` restricts the contenders (``None``: all). The summaries are the caller's to keep.
+    """
+    allowed = set(contenders) if contenders is not None else None
+
+    def want(c: str) -> bool:
+        return allowed is None or c in allowed
+
+    throughput = cfg["metric"] is None
+    refs = [c for c in REFERENCES if want(c)] if cfg.get("ref_repeats", 1) else []
+    for c in refs:
+        execute(job_spec(workload, c, None, cfg, rep=0))
+    twins = [t for t in TWINS if want(t)] if cfg.get("twins", True) else []
+    traces = [(t, cfg.get("repeats", 1)) for t in cfg["target_traces"]] + [(t, 1) for t in cfg.get("once_traces", [])]
+    for trace, repeats in traces:
+        kind = "dynamic" if trace == "dynamic" else "static"
+        first_ns: dict[str, Any] | None = None
+        first_twins: list[dict[str, Any]] = []
+        for rep in range(repeats):
+            ns = execute(job_spec(workload, "netsense", trace, cfg, rep=rep)) if want("netsense") else None
+            first_ns = first_ns or ns
+            cap = _derived_cap(ns, TWIN_FACTOR[kind], job_spec(workload, "netsense", trace, cfg)["cap_s"])
+            again = set(twins) if rep == 0 else _rerun(first_twins, throughput and trace != "dynamic")
+            for twin in twins:
+                if twin not in again:
+                    continue
+                stop = not throughput or trace == "dynamic"
+                out = execute(job_spec(workload, twin, trace, cfg, rep=rep, cap_s=None if throughput and not stop
+                                       else cap, stop_at_target=stop and not throughput))
+                if rep == 0 and out is not None:
+                    first_twins.append(out)
+        if trace in cfg.get("baseline_traces", []):
+            cap = _derived_cap(first_ns, BASELINE_FACTOR, job_spec(workload, "ddp", trace, cfg)["cap_s"])
+            for b in BASELINES:
+                if want(b):
+                    timed = not throughput or trace == "dynamic"
+                    execute(job_spec(workload, b, trace, cfg, cap_s=cap if timed else None,
+                                     stop_at_target=not throughput))
+    if not throughput and want("ddp"):
+        # the quality reference: plain DDP's maths do not depend on the link, so the fastest link serves
+        execute(job_spec(workload, "ddp", "unshaped", cfg, role="quality"))
+    if cfg.get("ref_repeats", 1) >= 2:
+        for c in reversed(refs):
+            execute(job_spec(workload, c, None, cfg, rep=1))
