@@ -106,19 +106,23 @@ def probe_cost(steps: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     """The bandwidth probes' seconds and wire bytes, and their shares of the run's training time and wire bytes.
 
     ``None`` for a run without the hook's accounting. The byte share is of the hook's wire bytes plus the probes'
-    (both per rank); the time share is of the training clock, which includes the probes.
+    (both per rank); ``dense_share`` is of the wire bytes plain DDP would have sent for the same steps; the time
+    share is of the training clock, which includes the probes.
     """
     if not steps or "hook_bytes" not in steps[0]:
         return None
     seconds = sum(s.get("probe_s") or 0.0 for s in steps)
     nbytes = sum(s.get("probe_bytes") or 0.0 for s in steps)
     payload = sum(s.get("hook_bytes") or 0.0 for s in steps)
+    dense = sum(s.get("dense_bytes") or 0.0 for s in steps)
     train = steps[-1]["train_s"]
     return {
         "seconds": seconds,
         "bytes": nbytes,
         "time_share": seconds / train if train > 0 else 0.0,
         "byte_share": nbytes / (payload + nbytes) if payload + nbytes > 0 else 0.0,
+        # against what plain DDP would have sent for the same steps: what the probes cost next to not compressing
+        "dense_share": nbytes / dense if dense > 0 else None,
         "probes": sum(1 for s in steps if (s.get("probe_s") or 0.0) > 0),
     }
 

@@ -190,6 +190,7 @@ def step_info(strategy: Any) -> dict[str, Any]:
         "bw_mbit": bw * 8e-6 if bw != float("inf") else None,
         "vouched": bool(obs.link.vouched),
         "hook_bytes": obs.bytes_sent,
+        "dense_bytes": obs.dense_bytes,
         "comm_s": obs.comm_time,
         "backward_s": obs.backward_time,
         "probe_bytes": probe_bytes,

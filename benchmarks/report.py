@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.notes:
             with open(args.notes) as f:
                 notes = f.read()
-        sys.stdout.write(markdown_report.render(results, notes))
+        sys.stdout.write(markdown_report.render(results, notes, source=os.path.relpath(args.results)))
     else:
         sys.stdout.write(markdown_report.render_tables(results))
         sys.stdout.write("".join(markdown_report.target_text(t) + "\n" for t in results["targets"]))

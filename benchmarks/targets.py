@@ -96,14 +96,17 @@ def evaluate_targets(runs: Sequence[Mapping[str, Any]], evals: Mapping[str, Sequ
     DDP's quality reference under ``"<workload>/quality/ddp/0"``).
     """
     out: list[dict[str, Any]] = []
-    workloads = sorted({r["workload"] for r in runs})
+    order = ("digits", "gpt", "cnn")
+    workloads = sorted({r["workload"] for r in runs}, key=lambda w: (order.index(w) if w in order else len(order), w))
     for wl in workloads:
         ns_dyn = _runs(runs, wl, "dynamic", "netsense")
         if any(r["workload"] == wl and r["trace"] == "dynamic" for r in runs):
             out.append(_line(f"dynamic ({wl}): NetSense's time to target / the best twin's", wl, DYNAMIC_TIME, "max",
                              [r.get("ratios", {}).get("time_vs_best_twin") for r in ns_dyn], unit="x"))
             out.append(_line(f"dynamic ({wl}): rate changes before NetSense's target (a check of the trace)", wl,
-                             CHANGES, "min", [_exact(r.get("changes_before_target")) for r in ns_dyn]))
+                             CHANGES, "min", [_exact(r.get("changes_before_target")) for r in ns_dyn],
+                             note="" if not ns_dyn or any(r.get("tts_s") is not None for r in ns_dyn)
+                             else "NetSense did not reach the target"))
         for trace in STATIC_TRACES:
             ns = _runs(runs, wl, trace, "netsense")
             if not ns and not any(r["workload"] == wl and r["trace"] == trace and r.get("role", "run") == "run"
@@ -141,7 +144,10 @@ def evaluate_targets(runs: Sequence[Mapping[str, Any]], evals: Mapping[str, Sequ
                              f"NetSense run)", wl, PROBE_SHARE, "max", shares,
                              note=f"worst: {worst['trace']} repeat {worst['rep']}: "
                                   f"{100 * worst['probes']['time_share']:.2f} % of the time, "
-                                  f"{100 * worst['probes']['byte_share']:.2f} % of the bytes", unit="share"))
+                                  f"{100 * worst['probes']['byte_share']:.2f} % of the bytes"
+                                  + (f" ({100 * worst['probes']['dense_share']:.2f} % of what plain DDP would have "
+                                     f"sent)" if worst["probes"].get("dense_share") is not None else ""),
+                             unit="share"))
     return out
 
 
