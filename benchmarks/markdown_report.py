@@ -174,7 +174,8 @@ def render_tables(results: Mapping[str, Any]) -> str:
         out.append(f"\n### {wl}: {_DESCRIPTION.get(wl, '')}\n")
         out.append("Time to target, training seconds, per repeat (`≥`: stopped before the target; twins are capped "
                    "at a multiple of NetSense's time, see the definitions):\n\n" + _matrix(results, wl))
-        out.append("\nNetSensePolicy per run:\n\n" + _netsense(results, wl))
+        if any(r["workload"] == wl and r["contender"] == "netsense" for r in results["runs"]):
+            out.append("\nNetSensePolicy per run:\n\n" + _netsense(results, wl))
         refs = _references(results, wl)
         if refs:
             out.append("\n" + refs)

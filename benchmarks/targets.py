@@ -112,7 +112,7 @@ def evaluate_targets(runs: Sequence[Mapping[str, Any]], evals: Mapping[str, Sequ
             if not ns and not any(r["workload"] == wl and r["trace"] == trace and r.get("role", "run") == "run"
                                   and r["contender"] != "netsense" for r in runs):
                 continue
-            throughput = bool(ns) and ns[0]["metric"] is None
+            throughput = all(r["metric"] is None for r in runs if r["workload"] == wl)
             if throughput:
                 vals = [_exact(r.get("ratios", {}).get("throughput_vs_best_twin")) for r in ns]
                 out.append(_line(f"{trace} ({wl}): NetSense's samples/s / the best twin's", wl, STATIC_SPEED, "min",

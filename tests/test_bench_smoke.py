@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -409,28 +408,14 @@ def test_driver_wait_reports_only_this_jobs_complete_errors(tmp_path):
         d._wait(["result_4_0.json"], 5.0, "job 4", errors="error_4_")
 
 
-class _Loopback:
-    """What the driver needs of a ShapedLink, on loopback (no namespaces, no shaping)."""
-
-    def address(self, side):
-        return "127.0.0.1"
-
-    def ifname(self, side):
-        return "lo"
-
-    def popen(self, side, args, **kwargs):
-        return subprocess.Popen(args, **kwargs)
-
-    def set_rate(self, rate):
-        pass
-
-
 @pytest.mark.slow
 def test_jobs_run_through_the_lightning_trainer_on_two_ranks(tmp_path):
     """Two long-lived ranks on loopback run plain DDP and NetSense through lightning.Trainer: same data and model,
     agreed stops and evaluations, NetSense's per-step mode and estimate."""
     pytest.importorskip("sklearn")
-    d = Driver(_Loopback(), str(tmp_path))
+    from step_cost import Loopback
+
+    d = Driver(Loopback(), str(tmp_path))
     d.start()
     try:
         cfg = dict(plan.BENCH["digits"], quality_steps=6, eval_every=3, eval_every_s=0.0)
