@@ -4,10 +4,12 @@ Inputs are what ``bench_trainer.py`` records per step (``wall``: ``time.time()``
 optimizer step, ``bw_mbit``: the estimate after that boundary, ``probe_bytes`` / ``probe_s``: the bandwidth probe
 the boundary ran) and the trace as the driver applied it (``[wall time, kind, value]`` rows, see ``traces.py``).
 
-* **recovery** (after a change 20 -> 1000 Mbit/s): seconds from the change to the first step whose estimate lies
-  within ``tolerance`` (25 %) of the new rate; censored at the next change when it never got there;
-* **drop** (after a change 1000 -> 20 Mbit/s): the number of steps ending after the change up to and including the
-  first one whose estimate lies within ``tolerance`` of the new rate; censored likewise;
+* **recovery** (after a change 20 -> 1000 Mbit/s): training seconds from the change to the first step whose
+  estimate is at least ``1 - tolerance`` (75 %) of the new rate - above it counts too, an infinite estimate (the
+  fit saw only latency) included: the policy acts on it as on a fast link; censored at the next change when it
+  never got there;
+* **drop** (after a change 1000 -> 20 Mbit/s): the steps that started after the change up to and including the
+  first one whose estimate is at most ``1 + tolerance`` (125 %) of the new rate; censored likewise;
 * **probe cost**: the probes' seconds and wire bytes as a share of the run's training time and of the wire bytes
   the run sent (the hook's accounting, both per rank);
 * **changes before the target**: rate changes applied before the step at which the run reached its target.
@@ -27,8 +29,16 @@ DROP = (1000.0, 20.0)
 TOLERANCE = 0.25
 
 
-def _within(bw: float | None, rate: float, tolerance: float) -> bool:
-    return bw is not None and abs(bw - rate) <= tolerance * rate
+def _up_to(step: Mapping[str, Any], rate: float, tolerance: float) -> bool:
+    """Whether the estimate after ``step`` reached a recovered ``rate``: at least ``1 - tolerance`` of it."""
+    bw = step.get("bw_mbit")
+    return bool(step.get("bw_inf")) or (bw is not None and bw >= (1.0 - tolerance) * rate)
+
+
+def _down_to(step: Mapping[str, Any], rate: float, tolerance: float) -> bool:
+    """Whether the estimate after ``step`` came down to a dropped ``rate``: at most ``1 + tolerance`` of it."""
+    bw = step.get("bw_mbit")
+    return bw is not None and bw <= (1.0 + tolerance) * rate
 
 
 def train_at(steps: Sequence[Mapping[str, Any]], since_go: float) -> float:
@@ -69,14 +79,14 @@ def _phases(steps: Sequence[Mapping[str, Any]], trace_log: Sequence[Sequence], t
 
 def recoveries(steps: Sequence[Mapping[str, Any]], trace_log: Sequence[Sequence], t_go: float,
                tolerance: float = TOLERANCE) -> list[dict[str, Any]]:
-    """Training seconds from each 20 -> 1000 Mbit/s change to an estimate within ``tolerance`` of 1000 Mbit/s.
+    """Training seconds from each 20 -> 1000 Mbit/s change to an estimate of at least ``1 - tolerance`` of it.
 
     Returns ``{"at", "seconds", "censored"}`` per change (``at``: training clock of the change); a censored one
     did not get there before the next change or the end of the run, and ``seconds`` is then what was observed.
     """
     out = []
     for start, end, after in _phases(steps, trace_log, t_go, RECOVERY):
-        hit = next((s for s in after if _within(s.get("bw_mbit"), RECOVERY[1], tolerance)), None)
+        hit = next((s for s in after if _up_to(s, RECOVERY[1], tolerance)), None)
         if hit is not None:
             out.append({"at": start, "seconds": hit["train_s"] - start, "censored": False})
         else:
@@ -86,18 +96,18 @@ def recoveries(steps: Sequence[Mapping[str, Any]], trace_log: Sequence[Sequence]
 
 def drops(steps: Sequence[Mapping[str, Any]], trace_log: Sequence[Sequence], t_go: float,
           tolerance: float = TOLERANCE) -> list[dict[str, Any]]:
-    """Steps from each 1000 -> 20 Mbit/s change to an estimate within ``tolerance`` of 20 Mbit/s.
+    """Steps from each 1000 -> 20 Mbit/s change to an estimate of at most ``1 + tolerance`` of 20 Mbit/s.
 
-    Counts the steps that started after the change, up to and including the first whose estimate is within
-    tolerance; 0 when the step the change fell into already shows it. ``{"at", "steps", "censored"}`` per change.
+    Counts the steps that started after the change, up to and including the first whose estimate came down; 0 when
+    the step the change fell into already shows it. ``{"at", "steps", "censored"}`` per change.
     """
     out = []
     for start, _, after in _phases(steps, trace_log, t_go, DROP):
         straddles = [s for s in after if s["start_s"] < start][:1]
-        n = 0 if straddles and _within(straddles[0].get("bw_mbit"), DROP[1], tolerance) else None
+        n = 0 if straddles and _down_to(straddles[0], DROP[1], tolerance) else None
         rest = [s for s in after if s not in straddles]
         if n is None:
-            n = next((i + 1 for i, s in enumerate(rest) if _within(s.get("bw_mbit"), DROP[1], tolerance)), None)
+            n = next((i + 1 for i, s in enumerate(rest) if _down_to(s, DROP[1], tolerance)), None)
         out.append({"at": start, "steps": n if n is not None else len(rest), "censored": n is None})
     return out
 

@@ -64,7 +64,12 @@ def _sensing(plt: Any, results: dict[str, Any], workload: str, out: str, suffix:
     ax1.plot(xs, ys, color="black", lw=1.5, label="shaped rate (tc tbf, each direction)")
     bw = [s["bw_mbit"] if s.get("bw_mbit") is not None else float("nan") for s in steps]
     ax1.plot(t, bw, ".", ms=4, color="tab:blue", label="estimated bandwidth after the step")
-    probes = [(s["train_s"], s["bw_mbit"]) for s in steps if (s.get("probe_s") or 0) > 0 and s.get("bw_mbit")]
+    top = 2.0 * max([y for y in ys if y is not None] + [v for v in bw if v == v] + [1000.0])
+    inf = [s["train_s"] for s in steps if s.get("bw_inf")]
+    if inf:
+        ax1.plot(inf, [top] * len(inf), "^", ms=4, color="tab:blue", alpha=0.5,
+                 label="estimate infinite (the fit saw only latency)")
+    probes = [(s["train_s"], s["bw_mbit"] if s.get("bw_mbit") else top) for s in steps if (s.get("probe_s") or 0) > 0]
     if probes:
         ax1.plot(*zip(*probes), "x", ms=6, color="tab:orange", label="a bandwidth probe ran at this boundary")
     ax1.set_yscale("log")

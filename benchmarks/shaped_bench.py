@@ -41,7 +41,7 @@ from names import CONTENDERS, REFERENCES, label  # noqa: E402
 from traces import CONGESTION, DYNAMIC, TRACES  # noqa: E402
 
 #: per-step fields kept for the sensing plot (NetSense on the dynamic trace, first repeat)
-_STEP_KEYS = ("step", "train_s", "excluded_s", "mode", "bw_mbit", "probe_s")
+_STEP_KEYS = ("step", "train_s", "excluded_s", "mode", "bw_mbit", "bw_inf", "probe_s")
 
 
 def _pilot(preset: dict[str, dict[str, Any]], args: argparse.Namespace, console: Any) -> dict[str, Any]:

@@ -131,10 +131,10 @@ def evaluate_targets(runs: Sequence[Mapping[str, Any]], evals: Mapping[str, Sequ
             rec = [[(x["seconds"], x["seconds"] if not x["censored"] else math.inf) for x in
                     r.get("sensing", {}).get("recoveries", [])] for r in ns_dyn]
             out.append(_sensing(f"dynamic ({wl}): recovery 20 -> 1000 Mbit/s, training seconds to an estimate "
-                                f"within 25 %", wl, RECOVERY_S, rec, "s"))
+                                f">= 75 % of it", wl, RECOVERY_S, rec, "s"))
             drops = [[(x["steps"], x["steps"] if not x["censored"] else math.inf) for x in
                       r.get("sensing", {}).get("drops", [])] for r in ns_dyn]
-            out.append(_sensing(f"dynamic ({wl}): drop 1000 -> 20 Mbit/s, steps to an estimate within 25 %", wl,
+            out.append(_sensing(f"dynamic ({wl}): drop 1000 -> 20 Mbit/s, steps to an estimate <= 125 % of it", wl,
                                 DROP_STEPS, drops, " steps"))
         ns_all = [r for r in runs if r["workload"] == wl and r["contender"] == "netsense" and r.get("probes")]
         if ns_all:

@@ -252,22 +252,29 @@ def test_the_schedule_caps_twins_at_a_multiple_of_netsense_and_reruns_the_close_
     seen = [(j["contender"], j["trace"], j["rep"]) for j in jobs]
     assert seen[0] == ("ideal", None, 0) and seen[1] == ("ideal_sync", None, 0)
     dyn = [j for j in jobs if j["trace"] == "dynamic"]
-    assert dyn[0]["contender"] == "netsense" and not dyn[0]["stop_at_target"]
-    assert dyn[0]["steps"] == cfg["quality_steps"] and dyn[0]["cap_s"] == cfg["cap_s"]
+    # NetSense first, stopped at the target on the dynamic trace, trained on to the quality steps on static ones
+    assert dyn[0]["contender"] == "netsense" and dyn[0]["stop_at_target"] and dyn[0]["cap_s"] == cfg["cap_s"]
     twins0 = [j for j in dyn if j["contender"] in TWINS and j["rep"] == 0]
     assert {j["contender"] for j in twins0} == set(TWINS)
-    assert all(j["stop_at_target"] and j["cap_s"] == pytest.approx(max(plan.MIN_CAP_S, 1.6 * 2.0)) for j in twins0)
+    dyn_cap = max(plan.MIN_CAP_S, plan.TWIN_FACTOR["dynamic"] * 2.0)
+    assert all(j["stop_at_target"] and j["cap_s"] == pytest.approx(dyn_cap) for j in twins0)
     # the second repeat reruns the twins within 1.5x of the best one (2.5 s): PowerSGD and int8, not top-k at 3.9
     assert {j["contender"] for j in dyn if j["contender"] in TWINS and j["rep"] == 1} == {"powersgd", "int8"}
+    ns20 = [j for j in jobs if j["trace"] == "20m" and j["contender"] == "netsense"]
+    assert [j["rep"] for j in ns20] == [0, 1] and not any(j["stop_at_target"] for j in ns20)
+    assert all(j["steps"] == cfg["quality_steps"] for j in ns20)
     static = [j for j in jobs if j["trace"] == "20m" and j["contender"] in TWINS]
-    assert all(j["cap_s"] == pytest.approx(max(plan.MIN_CAP_S, 1.3 * 2.0)) for j in static)
+    assert all(j["cap_s"] == pytest.approx(max(plan.MIN_CAP_S, plan.TWIN_FACTOR["static"] * 2.0)) for j in static)
     base = [j for j in jobs if j["contender"] in plan.BASELINES and j["role"] == "run"]
     assert {(j["contender"], j["trace"]) for j in base} == {(b, t) for b in plan.BASELINES
                                                              for t in cfg["baseline_traces"]}
     assert all(j["rep"] == 0 and j["stop_at_target"] for j in base)
+    assert all(j["cap_s"] == pytest.approx(max(plan.MIN_CAP_S, plan.BASELINE_FACTOR * 2.0)) for j in base)
     quality = [j for j in jobs if j["role"] == "quality"]
     assert [(j["contender"], j["trace"], j["steps"]) for j in quality] == [("ddp", "unshaped", cfg["quality_steps"])]
-    assert ("congestion", 1) not in {(j["trace"], j["rep"]) for j in jobs}  # once-traces run once
+    # the congestion trace: NetSense alone, once (and the baselines)
+    assert {(j["contender"], j["rep"]) for j in jobs if j["trace"] == "congestion"} == {
+        ("netsense", 0), *((b, 0) for b in plan.BASELINES)}
 
 
 def test_presets_measure_what_the_targets_need():
