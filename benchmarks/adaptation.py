@@ -81,16 +81,19 @@ def recoveries(steps: Sequence[Mapping[str, Any]], trace_log: Sequence[Sequence]
                tolerance: float = TOLERANCE) -> list[dict[str, Any]]:
     """Training seconds from each 20 -> 1000 Mbit/s change to an estimate of at least ``1 - tolerance`` of it.
 
-    Returns ``{"at", "seconds", "censored"}`` per change (``at``: training clock of the change); a censored one
-    did not get there before the next change or the end of the run, and ``seconds`` is then what was observed.
+    Returns ``{"at", "seconds", "censored", "mode"}`` per change (``at``: training clock of the change; ``mode``:
+    the mode of the first step ending after it); a censored one did not get there before the next change or the end
+    of the run, and ``seconds`` is then what was observed.
     """
     out = []
     for start, end, after in _phases(steps, trace_log, t_go, RECOVERY):
         hit = next((s for s in after if _up_to(s, RECOVERY[1], tolerance)), None)
+        mode = after[0].get("mode")  # what ran when the link changed: only dense payloads measure it themselves
         if hit is not None:
-            out.append({"at": start, "seconds": hit["train_s"] - start, "censored": False})
+            out.append({"at": start, "seconds": hit["train_s"] - start, "censored": False, "mode": mode})
         else:
-            out.append({"at": start, "seconds": min(end, after[-1]["train_s"]) - start, "censored": True})
+            out.append({"at": start, "seconds": min(end, after[-1]["train_s"]) - start, "censored": True,
+                        "mode": mode})
     return out
 
 
@@ -99,7 +102,7 @@ def drops(steps: Sequence[Mapping[str, Any]], trace_log: Sequence[Sequence], t_g
     """Steps from each 1000 -> 20 Mbit/s change to an estimate of at most ``1 + tolerance`` of 20 Mbit/s.
 
     Counts the steps that started after the change, up to and including the first whose estimate came down; 0 when
-    the step the change fell into already shows it. ``{"at", "steps", "censored"}`` per change.
+    the step the change fell into already shows it. ``{"at", "steps", "censored", "mode"}`` per change.
     """
     out = []
     for start, _, after in _phases(steps, trace_log, t_go, DROP):
@@ -108,7 +111,8 @@ def drops(steps: Sequence[Mapping[str, Any]], trace_log: Sequence[Sequence], t_g
         rest = [s for s in after if s not in straddles]
         if n is None:
             n = next((i + 1 for i, s in enumerate(rest) if _down_to(s, DROP[1], tolerance)), None)
-        out.append({"at": start, "steps": n if n is not None else len(rest), "censored": n is None})
+        out.append({"at": start, "steps": n if n is not None else len(rest), "censored": n is None,
+                    "mode": after[0].get("mode")})
     return out
 
 

@@ -128,14 +128,14 @@ def evaluate_targets(runs: Sequence[Mapping[str, Any]], evals: Mapping[str, Sequ
             out.append(_line(f"100m ({wl}): NetSense's samples/s / the synced ideal's", wl, SYNCED, "min",
                              [_exact(r.get("ratios", {}).get("throughput_vs_ideal_sync")) for r in ns_100], unit="x"))
         if ns_dyn:
-            rec = [[(x["seconds"], x["seconds"] if not x["censored"] else math.inf) for x in
-                    r.get("sensing", {}).get("recoveries", [])] for r in ns_dyn]
+            changes = [r.get("sensing", {}).get("recoveries", []) for r in ns_dyn]
+            rec = [[(x["seconds"], x["seconds"] if not x["censored"] else math.inf) for x in run] for run in changes]
             out.append(_sensing(f"dynamic ({wl}): recovery 20 -> 1000 Mbit/s, training seconds to an estimate "
-                                f">= 75 % of it", wl, RECOVERY_S, rec, "s"))
-            drops = [[(x["steps"], x["steps"] if not x["censored"] else math.inf) for x in
-                      r.get("sensing", {}).get("drops", [])] for r in ns_dyn]
+                                f">= 75 % of it", wl, RECOVERY_S, rec, "s", changes))
+            changes = [r.get("sensing", {}).get("drops", []) for r in ns_dyn]
+            drops = [[(x["steps"], x["steps"] if not x["censored"] else math.inf) for x in run] for run in changes]
             out.append(_sensing(f"dynamic ({wl}): drop 1000 -> 20 Mbit/s, steps to an estimate <= 125 % of it", wl,
-                                DROP_STEPS, drops, " steps"))
+                                DROP_STEPS, drops, " steps", changes))
         ns_all = [r for r in runs if r["workload"] == wl and r["contender"] == "netsense" and r.get("probes")]
         if ns_all:
             shares = [_exact(max(r["probes"]["time_share"], r["probes"]["byte_share"])) for r in ns_all]
@@ -151,8 +151,10 @@ def evaluate_targets(runs: Sequence[Mapping[str, Any]], evals: Mapping[str, Sequ
     return out
 
 
-def _sensing(name: str, wl: str, threshold: float, per_run: list[list[tuple[float, float]]], unit: str) -> dict:
-    """One line over every change of every run: each change is judged; repeats are the runs (worst change each)."""
+def _sensing(name: str, wl: str, threshold: float, per_run: list[list[tuple[float, float]]], unit: str,
+             records: list[list[dict[str, Any]]] | None = None) -> dict:
+    """One line over every change of every run: each change is judged; repeats are the runs (worst change each).
+    ``records`` (the changes as measured) add which mode ran at the changes that missed."""
     per_rep = [max(run, key=lambda b: (b[1], b[0])) if run else None for run in per_run]
     line = _line(name, wl, threshold, "max", per_rep, unit=unit.strip())
     every = [b for run in per_run for b in run]
@@ -160,8 +162,16 @@ def _sensing(name: str, wl: str, threshold: float, per_run: list[list[tuple[floa
         censored = sum(1 for b in every if b[1] == math.inf)
         met = sum(1 for b in every if b[1] <= threshold)
         line["changes"] = [list(b) for b in every]
+        missed: dict[str, int] = {}
+        for run_bounds, run_records in zip(per_run, records or [[] for _ in per_run]):
+            for b, rec in zip(run_bounds, run_records):
+                if b[1] > threshold:
+                    mode = str(rec.get("mode") or "?").split("(")[0]
+                    missed[mode] = missed.get(mode, 0) + 1
+        modes = ", ".join(f"{m} at {n}" for m, n in sorted(missed.items(), key=lambda kv: -kv[1]))
         line["note"] = "; ".join(x for x in (f"{met} of {len(every)} changes met it" + (
-            f", {censored} not within their phase" if censored else ""), line["note"]) if x)
+            f", {censored} not within their phase" if censored else "") + (
+            f" (the mode running at the changes that missed: {modes})" if modes else ""), line["note"]) if x)
     elif per_run:
         line["note"] = "no such change within the runs"
     return line
