@@ -4,18 +4,16 @@ The process lives for the whole benchmark (importing torch and Lightning costs 5
 once per rank instead of once per run keeps the quick run short) and runs jobs the driver hands it through files
 in ``--control``:
 
-1. wait for ``job_<i>.json`` (or ``quit``); build the workload and the contender (same seed everywhere);
-2. write ``ready_<i>_<rank>`` and wait for ``go_<i>``: meanwhile the driver puts the link into the trace's
-   starting state (model set-up, e.g. DDP's initial broadcast, runs on an unshaped link);
-3. train up to ``steps`` steps or until the *training* clock (wall time minus evaluation) passes ``cap_s``.
-   The ranks agree on stopping and on evaluating with a two-float ``all_reduce`` after every step, so that they
-   stop and evaluate at the same steps (one rank stopping alone would leave the other in a collective). At
-   step 0, every ``eval_every`` steps, once ``eval_every_s`` training seconds passed since the last evaluation,
-   and at the end, both ranks evaluate on the test split (outside the training clock);
-4. write ``result_<i>_<rank>.json``: per step the training clock, wall time (``time.time()``, comparable with
-   the driver's clock across namespaces), the mode used and the link estimate (hook-based contenders), the
-   bytes the veth sent and received; the evaluations; the steps per mode; the TCP payload this process sent on
-   its own sockets during training (``socket_bytes``: competing flows excluded).
+1. wait for ``job_<i>.json`` (or ``quit``);
+2. run it through a fresh ``lightning.Trainer`` (``bench_trainer.run_job``): the Trainer wraps the model in DDP on
+   the unshaped link, then the rank writes ``ready_<i>_<rank>`` and waits for ``go_<i>`` while the driver puts
+   the link into the trace's starting state, and trains until the step budget, the time cap or the target;
+3. write ``result_<i>_<rank>.json``: per step the training clock, wall time (``time.time()``, comparable with
+   the driver's clock across namespaces), the mode that ran, the link estimate and the probe of the boundary
+   (``NetSenseStrategy`` contenders); the evaluations; the steps per mode; the TCP payload this process sent on
+   its own sockets during training (``socket_bytes``: competing flows excluded), and the veth's byte counters.
+
+The process group is initialised once, here; every job's Trainer finds it initialised and uses it.
 """
 
 from __future__ import annotations
@@ -23,12 +21,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 import time
 import traceback
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -99,102 +99,6 @@ def _own_socket_bytes() -> int:
     return socket_bytes(out, os.getpid())
 
 
-def run_job(job: dict[str, Any], rank: int, world: int, control: str, counters: _Counters) -> dict[str, Any]:
-    import torch
-    import torch.distributed as dist
-    from contenders import build
-    from workloads import loss_fn, make_workload
-
-    jid = job["id"]
-    work = make_workload(job["workload"], rank, world, seed=job["seed"], **job.get("workload_options", {}))
-    contender = build(job["contender"], work.model, torch_powersgd=job.get("torch_powersgd", False),
-                      bucket_cap_mb=job.get("bucket_cap_mb"))
-    model = contender.model
-    opt = work.make_optimizer(model)
-    eval_module = work.model  # DDP shares the module: evaluating it needs no collective
-    accuracy = work.evaluate  # None for throughput-only workloads
-    synced = job["contender"] != "ideal"
-
-    if synced:
-        dist.barrier()
-    open(os.path.join(control, f"ready_{jid}_{rank}"), "w").close()
-    if _wait_for(os.path.join(control, f"go_{jid}"), job.get("go_timeout", 120.0)) is None:
-        raise RuntimeError(f"no go_{jid} from the driver")
-
-    steps: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
-    flag = torch.zeros(2)  # [time cap reached, evaluation due]
-    eval_every_s = float(job.get("eval_every_s") or float("inf"))
-    t_go = time.time()
-    train = 0.0
-    tx0, rx0 = counters.read()
-    sock0 = _own_socket_bytes() if synced else 0
-    stop_reason = "steps"
-
-    def evaluate(step: int) -> None:
-        if accuracy is None:
-            return
-        t = time.perf_counter()
-        acc = accuracy(eval_module)
-        evals.append({"step": step, "train_s": train, "acc": acc, "eval_s": time.perf_counter() - t})
-
-    evaluate(0)
-    for step in range(1, job["steps"] + 1):
-        x, y = next(work.batches)  # drawn outside the clock: data loading is not what is measured
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        contender.begin_step()
-        loss = loss_fn(model(x), y)
-        contender.begin_backward()
-        loss.backward()
-        contender.end_step()
-        opt.step()
-        train += time.perf_counter() - t0
-        tx, rx = counters.read()
-        rec = {"step": step, "train_s": train, "wall": time.time(), "loss": float(loss.detach()),
-               "tx": tx - tx0, "rx": rx - rx0}
-        rec.update(contender.step_info())
-        steps.append(rec)
-        # stop together: the slowest clock decides (a rank stopping alone would hang the other). The same
-        # all_reduce agrees on evaluating: every `eval_every` steps, or once `eval_every_s` training seconds
-        # passed since the last evaluation, so that time to accuracy has the same resolution in seconds for
-        # slow contenders (a 4 s step at 20 Mbit/s) as for fast ones
-        t0 = time.perf_counter()
-        flag[0] = 1.0 if train >= job["cap_s"] else 0.0
-        flag[1] = 1.0 if accuracy is not None and train - evals[-1]["train_s"] >= eval_every_s else 0.0
-        if synced:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        train += time.perf_counter() - t0
-        if flag[0] > 0:
-            stop_reason = "cap"
-            break
-        if step < job["steps"] and (step % job["eval_every"] == 0 or flag[1] > 0):
-            evaluate(step)
-    if not evals or evals[-1]["step"] != steps[-1]["step"]:
-        evaluate(steps[-1]["step"])
-    state = contender.state
-    sock1 = _own_socket_bytes() if synced else 0
-    result = {
-        "id": jid,
-        "rank": rank,
-        "job": job,
-        "t_go": t_go,
-        "t_end": time.time(),
-        "stop": stop_reason,
-        "params": sum(p.numel() for p in work.model.parameters()),
-        "batch_size": work.batch_size,
-        "standin": contender.standin,
-        "steps": steps,
-        "evals": evals,
-        "mode_steps": dict(state.mode_steps) if state is not None else {contender.fixed_mode: len(steps)},
-        "hook_bytes": state.total_bytes_sent if state is not None else None,
-        "socket_bytes": sock1 - sock0,
-    }
-    del contender, model, opt, work, state
-    gc.collect()
-    return result
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rank", type=int, required=True)
@@ -210,10 +114,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.ifname:
         os.environ["GLOO_SOCKET_IFNAME"] = args.ifname
     sys.path.insert(0, _HERE)
+    import lightning  # noqa: F401  - imported once here, not inside the first job's clock
     import torch
     import torch.distributed as dist
 
-    import lightning_netsense  # noqa: F401  - imported once here, not inside the first job's clock
+    import lightning_netsense  # noqa: F401
+
+    # the Trainer's banner lines and per-job warnings (no GPU, infinite dataset, few loader workers) say nothing
+    # about the benchmark: keep the logs to what does
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    from bench_trainer import run_job
 
     torch.set_num_threads(1)  # two ranks on two cores
     dist.init_process_group("gloo", rank=args.rank, world_size=args.world_size, timeout=timedelta(seconds=600))
@@ -228,12 +140,17 @@ def main(argv: list[str] | None = None) -> None:
         with open(job_path) as f:
             job = json.load(f)
         try:
-            result = run_job(job, args.rank, args.world_size, args.control, counters)
+            tx0, rx0 = counters.read()
+            result = run_job(job, args.rank, args.world_size, args.control, sent_bytes=_own_socket_bytes)
+            tx1, rx1 = counters.read()
+            result["veth_tx"], result["veth_rx"] = tx1 - tx0, rx1 - rx0
         except Exception:
             _write_json(os.path.join(args.control, f"error_{job['id']}_{args.rank}.json"),
                         {"error": traceback.format_exc()[-4000:]})
             raise
         _write_json(os.path.join(args.control, f"result_{job['id']}_{args.rank}.json"), result)
+        del result
+        gc.collect()  # the last job's model, optimizer and Trainer, before the next one is built
         i += 1
     dist.destroy_process_group()
 

@@ -1,27 +1,27 @@
-"""The contenders of the shaped-link benchmark, built the same way on every rank, plus the torch PowerSGD pilot.
+"""The contenders of the shaped-link benchmark, as Lightning strategies built the same way on every rank, plus the
+torch PowerSGD pilot.
 
-Every contender trains the same model, on the same data, from the same seed; only the gradient exchange differs:
+Every contender trains the same model, on the same data, from the same seed, through ``lightning.Trainer``; only
+the strategy - the gradient exchange - differs:
 
-=================  ============================================================================================
-``ideal``          no gradient exchange at all (local gradients only, no DDP): the compute-bound limit.
-``ideal_sync``     DDP with the exchange skipped (a hook that returns the local gradient at once), paying what
-                   every DDP contender pays besides communication: DDP's bookkeeping and bucket copies, and the
-                   ranks waiting for each other at the per-step agreement - the limit of synchronous training
-                   with free communication.
-``ddp``            plain DDP, no communication hook (torch's built-in bucketed allreduce).
-``fp16``           torch's ``fp16_compress_hook`` registered with ``register_comm_hook`` (on CPU/gloo too).
-``powersgd``       torch's ``powerSGD_hook`` (rank 4, error feedback, warm start, from step 2) - if the pilot
-                   shows it cannot run on gloo with several buckets, this project's ``"powersgd"`` codec
-                   (rank 4) stands in, and the output says so.
-``topk``           static top-k 1 % with error feedback (DGC-like): ``FixedPolicy(mode="topk", density=0.01)``.
-``aimd``           the NetSenseML prototype's rule: ``AIMDPolicy()``.
-``netsense``       ``NetSensePolicy()`` - the product.
-=================  ============================================================================================
-
-The last four register :func:`lightning_netsense.netsense_hook` with a :class:`NetSenseState` directly and call
-``state.begin_step()`` before the forward and ``state.begin_backward()`` / ``state.end_step()`` around each
-backward pass - exactly what :class:`NetSenseStrategy` does from its ``training_step``, ``pre_backward`` and
-``post_backward``.
+==================  ===========================================================================================
+``ideal``           no gradient exchange at all (one process per rank trains alone, no DDP): the compute-bound
+                    limit.
+``ideal_sync``      DDP with the exchange skipped (a hook that returns the local gradient at once), paying what
+                    every DDP contender pays besides communication: DDP's bookkeeping and bucket copies, and the
+                    ranks waiting for each other at the per-step agreement.
+``ddp``             plain DDP: Lightning's ``DDPStrategy``, no communication hook.
+``torch_fp16``      torch's ``fp16_compress_hook``, registered on CPU/gloo too (:class:`TorchHookStrategy`).
+``torch_powersgd``  torch's ``powerSGD_hook`` (rank 4, error feedback, warm start, from step 2) - if the pilot shows
+                    it cannot run on gloo with several buckets, this project's ``"powersgd"`` codec at rank 4 after
+                    two plain steps stands in, labelled as such. Never a candidate for "best static".
+``aimd``            ``NetSenseStrategy(policy=AIMDPolicy())``: the NetSenseML prototype's rule.
+``fp16`` ...        the static twins: ``NetSenseStrategy(policy=TwinPolicy(mode))`` for every mode
+``topk``            ``NetSensePolicy`` may pick (fp16, bf16, int8, powersgd, topk), with ``NetSensePolicy``'s
+                    default options for it (PowerSGD rank 8 in bfloat16, top-k 1 %) and its first step. The best
+                    twin per trace is "the best static" of the report: an oracle no user has.
+``netsense``        ``NetSenseStrategy(policy=NetSensePolicy())``: the product, default arguments.
+==================  ===========================================================================================
 
 ``python benchmarks/contenders.py --pilot`` runs the torch PowerSGD pilot on its own (2 local processes).
 """
@@ -35,122 +35,58 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["CONTENDERS", "LABELS", "REFERENCES", "STATIC_COMPRESSORS", "Contender", "build", "hook_state", "run_pilot"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-#: contender names in table order
-CONTENDERS: tuple[str, ...] = ("ideal", "ideal_sync", "ddp", "fp16", "powersgd", "topk", "aimd", "netsense")
-#: the references: no exchange at all, unshaped; each rank trains its own model (no time to accuracy of their own)
-REFERENCES: tuple[str, ...] = ("ideal", "ideal_sync")
-#: human-readable names
-LABELS: dict[str, str] = {
-    "ideal": "ideal (no comm)",
-    "ideal_sync": "ideal, synced (DDP, no exchange)",
-    "ddp": "plain DDP",
-    "fp16": "torch fp16 hook",
-    "powersgd": "torch PowerSGD r4",
-    "powersgd_standin": "PowerSGD r4 (ours, stand-in)",
-    "topk": "top-k 1% + EF",
-    "aimd": "AIMDPolicy",
-    "netsense": "NetSensePolicy",
-}
-#: contenders whose compressor never changes (candidates for "the best static compressor")
-STATIC_COMPRESSORS: tuple[str, ...] = ("fp16", "powersgd", "topk")
+from names import CONTENDERS, LABELS, REFERENCES, TWINS, label
+
+from lightning_netsense import FixedPolicy
+from lightning_netsense.adaptive import NetSensePolicy
+from lightning_netsense.observation import Decision
+
+__all__ = [
+    "CONTENDERS", "LABELS", "REFERENCES", "TWINS", "TwinPolicy", "build_strategy", "label", "run_pilot",
+    "skip_exchange_hook",
+]
+
 _PILOT_STEPS = 12
 
 
-@dataclass
-class Contender:
-    """One contender on one rank: the model to train and what to call around each backward pass.
+class TwinPolicy(FixedPolicy):
+    """``mode`` held fixed with ``NetSensePolicy``'s default options for it, and ``NetSensePolicy``'s first step.
 
-    Attributes:
-        name: contender name (``"powersgd"`` also when the stand-in runs; see ``standin``).
-        model: the module to call (DDP-wrapped unless ``ideal``).
-        state: the :class:`NetSenseState` of hook-based contenders, else ``None``.
-        fixed_mode: mode label of contenders without a NetSenseState (``"none"``, ``"fp16"``, ...).
-        standin: ``True`` when this project's PowerSGD stands in for torch's.
-    """
-
-    name: str
-    model: Any
-    state: Any = None
-    fixed_mode: str = "none"
-    standin: bool = False
-    keep: list = field(default_factory=list)  # objects that must outlive the hook (torch PowerSGD state)
-
-    def begin_step(self) -> None:
-        if self.state is not None:
-            self.state.begin_step()
-
-    def begin_backward(self) -> None:
-        if self.state is not None:
-            self.state.begin_backward()
-
-    def end_step(self) -> None:
-        if self.state is not None:
-            self.state.end_step()
-
-    def step_info(self) -> dict[str, Any]:
-        """Mode used by the step just finished, and the link estimate after it (hook contenders only)."""
-        if self.state is None or self.state.last_observation is None:
-            return {"mode": self.fixed_mode}
-        obs = self.state.last_observation
-        bw = obs.link.bandwidth
-        return {
-            "mode": obs.decision.key,
-            "bw_mbit": bw * 8e-6 if bw != float("inf") else None,
-            "alpha_ms": obs.link.alpha * 1e3,
-            "hook_bytes": obs.bytes_sent,
-            "comm_s": obs.comm_time,
-            "backward_s": obs.backward_time,
-        }
-
-
-def build(name: str, model: Any, torch_powersgd: bool = True, bucket_cap_mb: float | None = None) -> Contender:
-    """Wrap ``model`` for contender ``name`` (the default process group must be initialised, except for ideal).
+    A static twin differs from ``NetSensePolicy()`` in one thing only: it never changes mode. Its first step runs
+    what ``NetSensePolicy().first_decision`` picks (:func:`~lightning_netsense.adaptive.first_step_mode`: int8 up to
+    three ranks, bf16 from four), so that a comparison never turns on the first step alone. A ``FixedPolicy`` does
+    not use the link estimate, so its state probes nothing and allows only codecs without per-bucket state in the
+    first step; the first step's mode (stateless) is therefore listed among :meth:`candidates`.
 
     Args:
-        name: one of :data:`CONTENDERS`.
-        model: the freshly built module (same weights on every rank).
-        torch_powersgd: use torch's PowerSGD for ``"powersgd"``; ``False`` uses this project's codec instead.
-        bucket_cap_mb: DDP bucket size (``None``: DDP's default, 25 MiB).
+        mode: one of :data:`TWINS`.
+        world_size: number of ranks the run will have (it decides NetSensePolicy's first mode).
     """
-    if name not in CONTENDERS:
-        raise ValueError(f"Expected `name` to be one of {CONTENDERS}, but got {name!r}")
-    if name == "ideal":
-        return Contender(name, model, fixed_mode="local")  # no exchange at all
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # BatchNorm running statistics are only used in evaluation; syncing them every forward would add traffic
-    # outside the gradient hook that no contender can compress (they are still synced once, at init)
-    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, forward_sync_buffers=False)
-    if name == "ideal_sync":
-        ddp.register_comm_hook(None, skip_exchange_hook)
-        return Contender(name, ddp, fixed_mode="local")
-    if name == "ddp":
-        return Contender(name, ddp)
-    if name == "fp16":
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+    def __init__(self, mode: str, world_size: int = 2) -> None:
+        reference = NetSensePolicy()
+        options = {d.mode: d for d in reference.candidates()}
+        if mode not in TWINS:
+            raise ValueError(f"Expected `mode` to be one of {TWINS}, but got {mode!r}")
+        super().__init__(mode=mode, **dict(options[mode].options))
+        self._reference = reference
+        self.first = reference.first_decision(tuple(options.values()), world_size)
 
-        ddp.register_comm_hook(None, fp16_compress_hook)
-        return Contender(name, ddp, fixed_mode="fp16")
-    if name == "powersgd" and torch_powersgd:
-        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    def candidates(self) -> Sequence[Decision]:
+        if self.first.mode in ("none", self.mode):
+            return (self.decision,)
+        return (self.decision, self.first)
 
-        state = psgd.PowerSGDState(
-            process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2, use_error_feedback=True,
-            warm_start=True, random_seed=0,
-        )
-        ddp.register_comm_hook(state, psgd.powerSGD_hook)
-        return Contender(name, ddp, fixed_mode="powersgd(torch)", keep=[state])
+    def first_decision(self, allowed: Sequence[Decision], world_size: int) -> Decision:
+        return self._reference.first_decision(allowed, world_size)
 
-    from lightning_netsense.hook import netsense_hook
-
-    state = hook_state(name)
-    ddp.register_comm_hook(state, netsense_hook)
-    return Contender(name, ddp, state=state, standin=name == "powersgd")
+    def __repr__(self) -> str:
+        return f"TwinPolicy({self.decision.key}, first={self.first.key})"
 
 
 def skip_exchange_hook(state, bucket):  # unannotated: DDP checks real annotations, and this module's are strings
@@ -162,60 +98,163 @@ def skip_exchange_hook(state, bucket):  # unannotated: DDP checks real annotatio
     return fut
 
 
-def hook_state(name: str) -> Any:
-    """The :class:`NetSenseState` of a hook-based contender (``powersgd`` stand-in, ``topk``, ``aimd``,
-    ``netsense``); it binds to the process group lazily, so building it needs none."""
-    from lightning_netsense import FixedPolicy
-    from lightning_netsense.hook import NetSenseState
+def _torch_powersgd_state() -> Any:
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
-    if name == "powersgd":
-        policy = FixedPolicy(mode="powersgd", rank=4)
-    elif name == "topk":
-        policy = FixedPolicy(mode="topk", density=0.01)
-    elif name == "aimd":
-        from lightning_netsense.aimd import AIMDPolicy
+    return psgd.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2,
+                              use_error_feedback=True, warm_start=True, random_seed=0)
 
-        policy = AIMDPolicy()
-    elif name == "netsense":
-        from lightning_netsense.adaptive import NetSensePolicy
 
-        policy = NetSensePolicy()
-    else:
-        raise ValueError(f"Expected a hook-based contender (powersgd, topk, aimd, netsense), but got {name!r}")
-    # a static compressor never reads the link estimate: it must not pay for the bandwidth probes the state
-    # sends while a lossy mode runs (DGC does not probe either). FixedPolicy says so itself
-    # (`uses_link_estimate = False`); probe_every=0 makes it independent of that default.
-    if name == "powersgd":  # torch's start_powerSGD_iter=2: two plain steps, as the hook it stands in for
-        return NetSenseState(policy=policy, probe_every=0, warmup_steps=2)
-    if name in STATIC_COMPRESSORS:
-        return NetSenseState(policy=policy, probe_every=0)
-    return NetSenseState(policy=policy)
+def _strategy_classes() -> tuple[type, type]:
+    """``(TorchHookStrategy, cluster environment class)``, defined on first use (they import Lightning)."""
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+    from lightning.fabric.plugins.environments import ClusterEnvironment
+    from lightning.pytorch.strategies import DDPStrategy
+
+    class TorchHookStrategy(DDPStrategy):
+        """Lightning's ``DDPStrategy`` with a torch communication hook registered on every device.
+
+        Lightning's own strategy registers ``ddp_comm_hook`` on CUDA only; on CPU it is silently skipped. This one
+        registers it after wrapping, as ``NetSenseStrategy`` does with its own hook. ``make_state`` builds the
+        hook's state in the worker (a process-group-bound state must not be built before the group exists).
+        """
+
+        def __init__(self, hook: Any, make_state: Any = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._bench_hook, self._bench_make_state = hook, make_state
+            self.hook_state: Any = None
+
+        def configure_ddp(self) -> None:
+            super().configure_ddp()
+            self.hook_state = self._bench_make_state() if self._bench_make_state is not None else None
+            self.model.register_comm_hook(self.hook_state, self._bench_hook)
+
+    class FixedRanks(ClusterEnvironment):
+        """One process per rank, started by the benchmark itself, its process group already initialised."""
+
+        def __init__(self, rank: int, world_size: int) -> None:
+            super().__init__()
+            self._rank, self._world = rank, world_size
+
+        @property
+        def creates_processes_externally(self) -> bool:
+            return True
+
+        @property
+        def main_address(self) -> str:
+            return os.environ.get("MASTER_ADDR", "127.0.0.1")
+
+        @property
+        def main_port(self) -> int:
+            return int(os.environ.get("MASTER_PORT", "29500"))
+
+        @staticmethod
+        def detect() -> bool:
+            return True
+
+        def world_size(self) -> int:
+            return self._world
+
+        def set_world_size(self, size: int) -> None:
+            pass
+
+        def global_rank(self) -> int:
+            return self._rank
+
+        def set_global_rank(self, rank: int) -> None:
+            pass
+
+        def local_rank(self) -> int:
+            return 0
+
+        def node_rank(self) -> int:
+            return self._rank
+
+    _CLASSES = (TorchHookStrategy, FixedRanks)
+    return _CLASSES
+
+
+_CLASSES: tuple[type, type] | None = None
+
+
+def build_strategy(name: str, rank: int, world_size: int, torch_powersgd: bool = True,
+                   bucket_cap_mb: float | None = None) -> tuple[Any, bool]:
+    """The Lightning strategy of contender ``name`` on ``rank``; returns ``(strategy, standin)``.
+
+    ``ideal`` gets ``None`` (the Trainer's single-device default: no DDP at all). Every DDP contender gets the same
+    DDP arguments: BatchNorm buffers are synced once at construction, not in every forward (their traffic would
+    pass outside the gradient hook that no contender can compress).
+
+    Args:
+        name: one of :data:`CONTENDERS`.
+        rank: this process's rank (the process group must be initialised).
+        world_size: number of ranks.
+        torch_powersgd: whether torch's PowerSGD hook runs on this workload (the pilot); ``False``: the stand-in.
+        bucket_cap_mb: DDP bucket size (``None``: DDP's default, 25 MiB).
+    """
+    if name not in CONTENDERS:
+        raise ValueError(f"Expected `name` to be one of {CONTENDERS}, but got {name!r}")
+    if name == "ideal":
+        return None, False
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_netsense import NetSenseStrategy
+    from lightning_netsense.aimd import AIMDPolicy
+
+    hook_strategy, env_class = _strategy_classes()
+    common: dict[str, Any] = {"cluster_environment": env_class(rank, world_size), "forward_sync_buffers": False}
+    if bucket_cap_mb is not None:
+        common["bucket_cap_mb"] = bucket_cap_mb
+    if name == "ddp":
+        return DDPStrategy(**common), False
+    if name == "ideal_sync":
+        return hook_strategy(skip_exchange_hook, **common), False
+    if name == "torch_fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+        return hook_strategy(fp16_compress_hook, **common), False
+    if name == "torch_powersgd":
+        if torch_powersgd:
+            from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import powerSGD_hook
+
+            return hook_strategy(powerSGD_hook, make_state=_torch_powersgd_state, **common), False
+        # the stand-in: our PowerSGD at torch's rank, after torch's two plain steps (start_powerSGD_iter=2)
+        return NetSenseStrategy(policy=FixedPolicy(mode="powersgd", rank=4), warmup_steps=2, **common), True
+    if name == "aimd":
+        return NetSenseStrategy(policy=AIMDPolicy(), **common), False
+    if name in TWINS:
+        return NetSenseStrategy(policy=TwinPolicy(name, world_size), **common), False
+    return NetSenseStrategy(policy=NetSensePolicy(), **common), False
 
 
 # ---------------------------------------------------------------------------------------------- the pilot
-def _pilot_rank(rank: int, port: int, workload: str, out: str) -> None:
+def _pilot_rank(rank: int, port: int, workload: str, out: str, options: dict[str, Any]) -> None:
     """One rank of the pilot: a few steps of torch's PowerSGD hook on the workload with DDP's default buckets."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     import torch
     import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from workloads import loss_fn, make_workload
+    from workloads import make_workload
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    w = make_workload(workload, rank, 2)
-    c = build("powersgd", w.model, torch_powersgd=True)
-    opt = w.make_optimizer(c.model)
+    w = make_workload(workload, rank, 2, **options)
+    model = DDP(w.model, forward_sync_buffers=False)
+    state = _torch_powersgd_state()
+    model.register_comm_hook(state, powerSGD_hook)
+    opt = w.make_optimizer(model)
     for _ in range(_PILOT_STEPS):
         x, y = next(w.batches)
         opt.zero_grad(set_to_none=True)
-        loss_fn(c.model(x), y).backward()
+        w.loss(model(x), y).backward()
         opt.step()
-    # torch keeps one warm-start P matrix set per compressed bucket
-    buckets = len(c.keep[0].p_memory_dict)
     with open(out, "w") as f:
-        json.dump({"ok": True, "buckets": buckets}, f)
+        json.dump({"ok": True, "buckets": len(state.p_memory_dict)}, f)  # one warm-start P set per bucket
     dist.destroy_process_group()
 
 
@@ -225,7 +264,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pilot(workload: str, timeout: float = 90.0) -> dict[str, Any]:
+def run_pilot(workload: str, timeout: float = 90.0, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Try torch's PowerSGD hook for a few steps on 2 local gloo ranks; ``{"ok": bool, "reason": str, ...}``.
 
     DESIGN.md records that it failed ("Received data size doesn't match expected size") or hung on gloo with
@@ -240,7 +279,7 @@ def run_pilot(workload: str, timeout: float = 90.0) -> dict[str, Any]:
         procs = [
             subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--pilot-rank", str(r), "--port", str(port),
-                 "--workload", workload, "--out", outs[r]],
+                 "--workload", workload, "--out", outs[r], "--options", json.dumps(options or {})],
                 stdout=logs[r], stderr=subprocess.STDOUT,
             )
             for r in (0, 1)
@@ -283,17 +322,18 @@ def run_pilot(workload: str, timeout: float = 90.0) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="torch PowerSGD pilot on gloo with DDP's default buckets")
-    p.add_argument("--pilot", action="store_true", help="run the pilot for both workloads and print the outcome")
+    p.add_argument("--pilot", action="store_true", help="run the pilot for every workload and print the outcome")
     p.add_argument("--pilot-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--workload", default="digits")
+    p.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=90.0)
     args = p.parse_args(argv)
     if args.pilot_rank is not None:
-        _pilot_rank(args.pilot_rank, args.port, args.workload, args.out)
+        _pilot_rank(args.pilot_rank, args.port, args.workload, args.out, json.loads(args.options))
         return
-    for workload in ("digits", "cnn"):
+    for workload in ("digits", "cnn", "gpt"):
         print(workload, json.dumps(run_pilot(workload, args.timeout)))
 
 

@@ -114,7 +114,7 @@ def _train(
     evaluate = work.evaluate
     if evaluate is None:  # throughput workload: the mean training loss of the last `every` steps
         window: list[float] = []
-        evaluate = lambda m: statistics.fmean(window[-every:])  # noqa: E731
+        evaluate = lambda m: statistics.fmean(window[-every:])
     curve, update_errors, rel_errors, trace = [], [], [], []
     if rank == 0 and work.evaluate is not None:
         curve.append((0, evaluate(work.model)))

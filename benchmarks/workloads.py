@@ -50,26 +50,31 @@ class _BasicBlock(nn.Module):
         return torch.relu(out + self.short(x))
 
 
-def resnet18(num_classes: int = 10, stem: str = "imagenet") -> nn.Module:
+def resnet18(num_classes: int = 10, stem: str = "imagenet", width: int = 64) -> nn.Module:
     """ResNet-18 (He et al. 2016): BasicBlock x [2, 2, 2, 2], 64/128/256/512 channels, 11.2 M parameters.
 
     Args:
         num_classes: outputs of the final linear layer.
+        width: channels of the first stage (64: the standard network; 32: a quarter of the parameters and of the
+            compute, 2.8 M parameters); the later stages have 2, 4 and 8 times as many.
         stem: ``"imagenet"`` (7x7 stride-2 convolution and max-pool, as torchvision's ``resnet18``: a 32x32
             image is 8x8 after the stem) or ``"cifar"`` (3x3 stride-1 convolution, no pool: 16x the compute).
     """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"Expected `width` to be an integer >= 1, but got {width!r}")
+    w = width
     if stem == "imagenet":
-        layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        layers: list[nn.Module] = [nn.Conv2d(3, w, 7, 2, 3, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
                                    nn.MaxPool2d(3, 2, 1)]
     elif stem == "cifar":
-        layers = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+        layers = [nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
     else:
         raise ValueError(f"Expected `stem` to be 'imagenet' or 'cifar', but got {stem!r}")
-    cin = 64
-    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+    cin = w
+    for cout, stride in ((w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)):
         layers += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
         cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, num_classes)]
     return nn.Sequential(*layers)
 
 
@@ -258,9 +263,9 @@ def _digits(rank: int, world: int, seed: int, batch: int, hidden: int, depth: in
     )
 
 
-def _cnn(rank: int, world: int, seed: int, batch: int, stem: str, lr: float) -> Workload:
+def _cnn(rank: int, world: int, seed: int, batch: int, stem: str, lr: float, width: int) -> Workload:
     torch.manual_seed(seed)
-    model = resnet18(stem=stem)
+    model = resnet18(stem=stem, width=width)
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
         gen = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -286,7 +291,7 @@ def _cnn(rank: int, world: int, seed: int, batch: int, stem: str, lr: float) -> 
 #: default options per workload (overridable on the command line of the benchmark)
 WORKLOADS: dict[str, dict] = {
     "digits": {"batch": 32, "hidden": 1024, "depth": 3, "lr": 1e-3},
-    "cnn": {"batch": 32, "stem": "imagenet", "lr": 0.01},
+    "cnn": {"batch": 32, "stem": "imagenet", "lr": 0.01, "width": 64},
     "gpt": {"batch": 32, "width": 128, "layers": 4, "heads": 4, "context": 64, "lr": 2e-3, "val_batches": 8},
 }
 

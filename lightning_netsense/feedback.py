@@ -30,7 +30,7 @@ class ErrorFeedback:
     feedback owes is delivered, not kept for a lossy mode that may come back much later.
     """
 
-    __slots__ = ("_residuals", "_err2", "resets")
+    __slots__ = ("_err2", "_residuals", "resets")
 
     def __init__(self) -> None:
         self._residuals: dict[int, Tensor] = {}

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -496,7 +496,7 @@ def _error_terms(grad: Tensor, sent: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _compress_lossy(state: NetSenseState, codec: Codec, decision: Decision, layout: BucketLayout, buffer: Tensor,
-                    exact: Tensor, sample: Any) -> tuple[Tensor, Any, Optional[Tensor], Tensor]:
+                    exact: Tensor, sample: Any) -> tuple[Tensor, Any, Tensor | None, Tensor]:
     """Step 2 of :func:`netsense_hook` for a lossy mode: returns ``(payload, ctx, sent, target)`` where ``sent`` is
     what this rank contributed at the sampled coordinates and ``target`` what it was asked to send there."""
     rec = state.recorder

@@ -33,7 +33,7 @@ _SAMPLE_SIZE = 4096
 class CodecLedger:
     """Codec instances and per-bucket layouts, and per mode: cost, compression error and update error."""
 
-    __slots__ = ("codecs", "shadow", "_layouts", "_samples", "costs", "errors", "calibrated")
+    __slots__ = ("_layouts", "_samples", "calibrated", "codecs", "costs", "errors", "shadow")
 
     def __init__(self) -> None:
         #: one instance per registered mode (codecs with per-bucket state keep it here)

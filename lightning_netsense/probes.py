@@ -132,7 +132,7 @@ class ProbeScheduler:
         fraction: share of the training time probes may take, in (0, 1].
     """
 
-    __slots__ = ("every", "fraction", "size", "last", "_chain", "_calm", "_next")
+    __slots__ = ("_calm", "_chain", "_next", "every", "fraction", "last", "size")
 
     def __init__(self, every: int = 2, fraction: float = 0.05) -> None:
         self.every = every

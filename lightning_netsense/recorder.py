@@ -26,7 +26,7 @@ _STATS = _UPDATE + 4
 class _Clock:
     """A point in time: a host timestamp, or a CUDA event recorded on the current stream."""
 
-    __slots__ = ("host", "event")
+    __slots__ = ("event", "host")
 
     def __init__(self, cuda: bool) -> None:
         self.host = time.perf_counter()
@@ -94,8 +94,26 @@ class StepRecorder:
         cuda: record CUDA events (the buckets live on a CUDA device) rather than host times.
     """
 
-    __slots__ = ("cuda", "_start", "_backward", "_first", "_last", "_launch", "_end", "_wire", "_index", "_numel",
-                 "_itemsize", "_codec", "_stats", "_bucket_bad", "_has_update", "cold", "_boundary", "_optimizer_end")
+    __slots__ = (
+        "_backward",
+        "_boundary",
+        "_bucket_bad",
+        "_codec",
+        "_end",
+        "_first",
+        "_has_update",
+        "_index",
+        "_itemsize",
+        "_last",
+        "_launch",
+        "_numel",
+        "_optimizer_end",
+        "_start",
+        "_stats",
+        "_wire",
+        "cold",
+        "cuda",
+    )
 
     def __init__(self, cuda: bool = False) -> None:
         self.cuda = cuda

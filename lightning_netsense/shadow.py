@@ -56,8 +56,18 @@ class ShadowMeter:
         blocks: matrices the window takes row blocks from.
     """
 
-    __slots__ = ("budget", "blocks", "_params", "_rows", "_window", "_filled", "_codecs", "_feedback",
-                 "_pre_parts", "errors")
+    __slots__ = (
+        "_codecs",
+        "_feedback",
+        "_filled",
+        "_params",
+        "_pre_parts",
+        "_rows",
+        "_window",
+        "blocks",
+        "budget",
+        "errors",
+    )
 
     def __init__(self, budget: int = 1 << 16, blocks: int = 4) -> None:
         self.budget = budget

@@ -8,7 +8,7 @@ for path in (os.path.join(ROOT, "examples"), os.path.join(ROOT, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from dist_pool import DistPool  # noqa: E402
+from dist_pool import DistPool
 
 _POOL: DistPool | None = None
 

@@ -1,7 +1,9 @@
-"""Pure parts of the shaped-link benchmark: figures, ratios, targets, traces, JSON and plots (no shaped runs)."""
+"""The shaped-link benchmark without a shaped link: figures, bounds, targets, sensing measures, traces, the schedule,
+the contenders' strategies, JSON, tables and plots; and (slow) two Lightning jobs end to end on loopback."""
 
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -10,33 +12,36 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
+import adaptation
+import markdown_report
+import plan
 import report
+import targets
+from bench_driver import Driver, JobFailed
 from bench_worker import socket_bytes
-from shaped_bench import (
-    CONGESTION,
-    DYNAMIC_CYCLE,
-    PRESETS,
-    Driver,
-    JobFailed,
-    _job,
-    job_plan,
-    merge_ideal,
-    rate_at,
-    slim,
-    trace_events,
-)
+from names import CONTENDERS, LABELS, TWINS
+from shaped_bench import select, slim
+from traces import CONGESTION, DYNAMIC, phase_changes, rate_at, trace_events
 
 
-def _result(contender, step_s, accs, trace="dynamic", batch=32, n=20, eval_every=5, workload="digits"):
-    """A rank-0 result as bench_worker.py writes it: constant step time, accuracies at every `eval_every` steps."""
-    steps = [{"step": i + 1, "train_s": step_s * (i + 1), "wall": 1000.0 + step_s * (i + 1), "tx": 100 * (i + 1),
-              "mode": "topk(density=0.01)" if i % 4 == 3 else "none", "bw_mbit": 20.0} for i in range(n)]
-    evals = [{"step": eval_every * k, "train_s": step_s * eval_every * k, "acc": a} for k, a in enumerate(accs)]
-    return {"job": {"contender": contender, "workload": workload, "trace": trace}, "steps": steps, "evals": evals,
-            "batch_size": batch, "stop": "steps", "standin": False, "bytes_total": 5000.0,
-            "mode_steps": {"none": 15, "topk": 5} if contender == "netsense" else {"none": n}, "t_go": 1000.0}
+def _out(contender, step_s, values, trace="dynamic", workload="digits", metric="accuracy", target=0.9, n=20,
+         eval_every=5, rep=0, role="run", stop="steps", steps_extra=None, trace_log=None, t_go=1000.0):
+    """A driver result as shaped_bench gets it: both ranks' results (rank 1 a copy), the trace as applied."""
+    steps = [{"step": i + 1, "train_s": step_s * (i + 1), "wall": t_go + step_s * (i + 1), "excluded_s": 0.0}
+             for i in range(n)]
+    for i, st in enumerate(steps):
+        st.update((steps_extra or (lambda i: {}))(i))
+    evals = [{"step": eval_every * k, "train_s": step_s * eval_every * k, "value": v} for k, v in enumerate(values)]
+    r0 = {"job": {"contender": contender, "workload": workload, "trace": trace, "rep": rep, "role": role,
+                  "cap_s": 30.0, "target": target if metric else None, "target_steps": None},
+          "steps": steps, "evals": evals, "metric": metric, "batch_size": 32, "stop": stop, "standin": False,
+          "mode_steps": {"int8": 1, "powersgd": n - 1} if contender == "netsense" else {"none": n},
+          "socket_bytes": 2500, "hook_bytes": 5000.0, "t_go": t_go}
+    return {"ranks": [r0, dict(r0)], "trace_log": trace_log or [[t_go - 0.01, "rate", 20.0], [t_go, "go", 0]],
+            "t_go": t_go}
 
 
+# ---------------------------------------------------------------------------------------------- figures
 def test_throughput_skips_warmup_steps_and_counts_both_ranks():
     steps = [{"train_s": t} for t in (5.0, 6.0, 6.5, 7.0, 7.5)]  # slow first steps (bucket rebuild)
     assert report.samples_per_second(steps, samples_per_step=64, skip=3) == pytest.approx(64 * 2 / 1.0)
@@ -44,109 +49,351 @@ def test_throughput_skips_warmup_steps_and_counts_both_ranks():
     assert report.samples_per_second(steps[:3], 64, skip=3) is None
 
 
-def test_time_to_accuracy_is_the_first_evaluation_at_or_above_target_and_final_is_a_mean():
-    evals = [{"step": 0, "train_s": 0.0, "acc": 0.1}, {"step": 5, "train_s": 2.0, "acc": 0.91},
-             {"step": 10, "train_s": 4.0, "acc": 0.89}, {"step": 15, "train_s": 6.0, "acc": 0.95}]
-    assert report.time_to_accuracy(evals, 0.9) == (2.0, 5)
-    assert report.time_to_accuracy(evals, 0.99) == (None, None)
-    assert report.final_accuracy(evals) == pytest.approx((0.91 + 0.89 + 0.95) / 3)
-    assert report.final_accuracy(evals, up_to_step=10) == pytest.approx((0.91 + 0.89) / 2)
+def test_time_to_target_meets_accuracy_from_above_and_loss_from_below():
+    acc = [{"step": 0, "train_s": 0.0, "value": 0.1}, {"step": 5, "train_s": 2.0, "value": 0.91},
+           {"step": 10, "train_s": 4.0, "value": 0.89}, {"step": 15, "train_s": 6.0, "value": 0.95}]
+    assert report.time_to_target(acc, 0.9, "accuracy") == (2.0, 5)
+    assert report.time_to_target(acc, 0.99, "accuracy") == (None, None)
+    loss = [dict(e, value=5.0 - 2 * e["value"]) for e in acc]  # 4.8, 3.18, 3.22, 3.1
+    assert report.time_to_target(loss, 3.15, "loss") == (6.0, 15)
+    assert report.final_quality(acc) == pytest.approx((0.91 + 0.89 + 0.95) / 3)
+    assert report.final_quality(acc, up_to_step=10) == pytest.approx((0.91 + 0.89) / 2)
 
 
-def test_summary_has_every_figure_of_the_schema():
-    s = report.summarise_run(_result("netsense", 0.5, [0.1, 0.8, 0.92, 0.93, 0.94]), target=0.9)
-    assert set(s) >= {"contender", "workload", "trace", "steps", "train_s", "samples_per_s", "tta_s", "final_acc",
-                      "bytes_sent", "bytes_per_step", "mode_share", "stop", "standin"}
+def test_summary_has_every_figure_and_the_sensing_of_a_dynamic_run():
+    log = [[999.99, "rate", 20.0], [1000.0, "go", 0], [1002.0, "rate", 1000.0], [1004.0, "rate", 20.0]]
+
+    def extra(i):  # the estimate follows the link one step late; a probe at step 6
+        t = 0.5 * (i + 1)
+        bw = 20.0 if t <= 2.5 else 1000.0 if t <= 4.5 else 20.0
+        return {"bw_mbit": bw, "hook_bytes": 100.0, "probe_bytes": 300.0 if i == 5 else 0.0,
+                "probe_s": 0.02 if i == 5 else 0.0, "mode": "powersgd"}
+
+    s = report.summarise_run(_out("netsense", 0.5, [0.1, 0.8, 0.92, 0.93, 0.94], n=12, steps_extra=extra,
+                                  trace_log=log))
+    assert set(s) >= {"contender", "workload", "trace", "rep", "steps", "train_s", "samples_per_s", "tts_s", "final",
+                      "bytes_sent", "bytes_per_step", "mode_share", "stop", "standin", "probes", "sensing"}
     assert s["samples_per_s"] == pytest.approx(2 * 32 / 0.5)
-    assert s["tta_s"] == pytest.approx(0.5 * 10) and s["tta_step"] == 10
-    assert s["mode_share"] == {"none": 0.75, "topk": 0.25}
-    assert s["bytes_sent"] == 5000.0 and s["bytes_per_step"] == pytest.approx(250.0)
-    cong = report.summarise_run(_result("ddp", 0.5, [0.1]), target=0.9, competing_bytes=1000.0)
-    assert cong["bytes_sent"] == 4000.0
+    assert s["tts_s"] == pytest.approx(0.5 * 10) and s["tts_step"] == 10
+    assert s["mode_share"] == {"int8": pytest.approx(1 / 12), "powersgd": pytest.approx(11 / 12)}
+    assert s["bytes_sent"] == 5000.0 and s["ranks_agree"]
+    assert s["probes"]["probes"] == 1 and s["probes"]["time_share"] == pytest.approx(0.02 / 6.0)
+    assert s["probes"]["byte_share"] == pytest.approx(300.0 / 1500.0)
+    # the recovery at 2 s was seen by the step ending at 3.0 s; the drop at 4 s by the second step after it
+    assert s["sensing"]["recoveries"] == [{"at": pytest.approx(2.0), "seconds": pytest.approx(1.0), "censored": False,
+                                           "mode": "powersgd"}]
+    assert s["sensing"]["drops"] == [{"at": pytest.approx(4.0), "steps": 2, "censored": False, "mode": "powersgd"}]
+    assert s["changes_before_target"] == 2  # both changes came before step 10 (5 s)
 
 
-def _group():
-    results = {
-        # the ideal's own (never averaged) model reaches the target early: that must not count as its TTA
-        "ideal": _result("ideal", 0.05, [0.1, 0.95, 0.96, 0.97, 0.97], trace=None),
-        "ddp": _result("ddp", 2.0, [0.1, 0.8, 0.92, 0.93, 0.94]),     # TTA 20 s at step 10
-        "fp16": _result("fp16", 1.0, [0.1, 0.8, 0.92, 0.93, 0.94]),   # 10 s
-        "topk": _result("topk", 0.4, [0.1, 0.8, 0.85, 0.92, 0.94]),   # 6 s
-        "aimd": _result("aimd", 0.5, [0.1, 0.8, 0.85, 0.88, 0.89]),   # never
-        "netsense": _result("netsense", 0.2, [0.1, 0.8, 0.92, 0.93, 0.94]),  # 2 s
-    }
+def test_sensing_measures_censor_at_the_next_change_and_pause_with_evaluations():
+    log = [[0.0, "rate", 20.0], [0.0, "go", 0], [1.0, "rate", 1000.0], [2.0, "rate", 20.0], [3.0, "rate", 1000.0]]
+    never = [{"step": i + 1, "train_s": 0.25 * (i + 1), "wall": 0.25 * (i + 1), "excluded_s": 0.0, "bw_mbit": 20.0}
+             for i in range(16)]
+    rec = adaptation.recoveries(never, log, 0.0)
+    assert [r["censored"] for r in rec] == [True, True]
+    assert rec[0]["seconds"] == pytest.approx(1.0)  # censored at the next change, 1 s later
+    # the first step after the drop already shows it (a step that straddled the change would count as 0)
+    assert adaptation.drops(never, log, 0.0) == [{"at": pytest.approx(2.0), "steps": 1, "censored": False,
+                                                  "mode": None}]
+    # an evaluation of 0.5 s after step 4 (wall 1.0) pauses the clock: the change at wall 1.2 is at 1.0 training s
+    paused = [dict(s, wall=s["wall"] + (0.5 if s["step"] > 4 else 0.0), excluded_s=0.5 if s["step"] > 4 else 0.0)
+              for s in never]
+    timed = [dict(s, wall_s=s["wall"]) for s in paused]
+    assert adaptation.train_at(timed, 1.2) == pytest.approx(1.0)
+    assert adaptation.train_at(timed, 1.6) == pytest.approx(1.1)
+    assert adaptation.probe_cost([{"train_s": 1.0}]) is None  # no hook accounting: not a NetSense run
+    assert adaptation.changes_before(never, log, 0.0, None) is None
+
+
+# ---------------------------------------------------------------------------------------------- ratios and targets
+def _group(ns_tts=(2.0,), twin_tts=None, trace="dynamic"):
+    """NetSense and the twins on one trace; `twin_tts`: per twin a time per repeat (None: stopped before)."""
+    twin_tts = twin_tts or {"fp16": [10.0], "bf16": [None], "int8": [6.0], "powersgd": [3.0], "topk": [None]}
     runs = []
-    for c, res in results.items():
-        s = report.summarise_run(res, target=0.9)
-        s["trace"] = None if c == "ideal" else "dynamic"
-        runs.append(s)
-    report.compare(runs, {"digits": results["ideal"]})
-    report.add_pairwise(runs)
-    return {r["contender"]: r for r in runs}, results
+    for rep, t in enumerate(ns_tts):
+        values = [0.1, 0.95] if t is not None else [0.1, 0.5]
+        runs.append(report.summarise_run(_out("netsense", (t or 5.0) / 5, values, trace=trace, rep=rep, n=5)))
+    for twin, times in twin_tts.items():
+        for rep, t in enumerate(times):
+            if t == "skip":
+                continue
+            values = [0.1, 0.95] if t is not None else [0.1, 0.5]
+            runs.append(report.summarise_run(_out(twin, (t or 4.0) / 5, values, trace=trace, rep=rep, n=5,
+                                                  stop="target" if t else "cap")))
+    report.compare(runs)
+    return runs
 
 
-def test_ratios_to_ddp_best_static_and_ideal():
-    rows, _ = _group()
-    ns = rows["netsense"]["ratios"]
-    assert ns["throughput_vs_ddp"] == pytest.approx(10.0)
-    assert ns["throughput_vs_ideal"] == pytest.approx(0.25)
-    assert ns["tta_speedup_vs_ddp"] == {"value": pytest.approx(10.0), "lower_bound": False}
-    assert ns["best_static_tta"] == "topk"  # the fastest static compressor to the target
-    assert ns["tta_speedup_vs_best_static"]["value"] == pytest.approx(3.0)
-    # AIMD never reached the target: its whole run (20 steps * 0.5 s) bounds the speed-up from below
-    assert ns["tta_speedup_vs_aimd"] == {"value": pytest.approx(10.0 / 2.0), "lower_bound": True}
-    # the ideal's TTA: its own clock at the step where plain DDP reached the target (step 10)
-    assert rows["ideal"]["tta_s"] == pytest.approx(0.05 * 10)
-    assert rows["ideal"]["final_acc"] is None  # its model is trained without averaging: not comparable
-    assert rows["aimd"]["ratios"]["tta_speedup_vs_ddp"] is None  # it never got there
+def test_best_twin_and_the_bounds_of_netsense_against_it():
+    runs = _group()
+    ns = next(r for r in runs if r["contender"] == "netsense")
+    assert ns["ratios"]["best_twin"] == "powersgd"
+    assert ns["ratios"]["time_vs_best_twin"] == pytest.approx((2.0 / 3.0, 2.0 / 3.0))
+    # no twin reached the target: the best stopped at 4 s, so NetSense took at most half its time
+    runs = _group(twin_tts={t: [None] for t in TWINS})
+    ns = next(r for r in runs if r["contender"] == "netsense")
+    assert ns["ratios"]["time_vs_best_twin"] == (0.0, pytest.approx(0.5))
+    assert ns["ratios"]["speed_vs_best_twin"] == (pytest.approx(2.0), math.inf)
+    # NetSense did not reach it but a twin did: at least its own training time over the twin's time
+    runs = _group(ns_tts=(None,))
+    ns = next(r for r in runs if r["contender"] == "netsense")
+    assert ns["ratios"]["time_vs_best_twin"] == (pytest.approx(5.0 / 3.0), math.inf)
 
 
-def test_targets_report_pass_miss_and_lower_bounds():
-    rows, results = _group()
-    targets = {t["name"]: t for t in report.evaluate_targets(list(rows.values()), {"dynamic": results["ddp"]["evals"]},
-                                                               results["netsense"]["evals"])}
-    assert targets["dynamic: TTA speed-up vs plain DDP"]["status"] == "PASS"       # 10 >= 8
-    assert targets["dynamic: TTA speed-up vs torch fp16 hook"]["status"] == "PASS"  # 5 >= 2.5
-    assert targets["dynamic: TTA speed-up vs best static compressor"]["status"] == "PASS"  # 3 >= 1.5
-    aimd = targets["dynamic: TTA speed-up vs AIMDPolicy"]
-    assert aimd["status"] == "PASS" and aimd["lower_bound"] and aimd["value"] == pytest.approx(5.0)
-    acc = targets["dynamic: final accuracy within 0.5 points of plain DDP"]
-    assert acc["status"] == "PASS" and acc["value"] == pytest.approx(0.0)
-    # throughput targets need CNN runs that this group does not have: not applicable, never a silent pass
-    assert targets["100 Mbit/s: throughput vs ideal (cnn)"]["status"] == "N/A"
-    # a slower NetSense misses, and says by how much
-    rows["netsense"]["ratios"]["tta_speedup_vs_ddp"] = {"value": 3.0, "lower_bound": False}
-    again = {t["name"]: t for t in report.evaluate_targets(list(rows.values()), {})}
-    assert again["dynamic: TTA speed-up vs plain DDP"]["status"] == "MISS"
-    assert again["dynamic: TTA speed-up vs plain DDP"]["value"] == 3.0
-    assert again["dynamic: final accuracy within 0.5 points of plain DDP"]["status"] == "N/A"  # no reference
-    # plain DDP capped at step 10 (a slow trace): both are compared at step 10, NetSense's later evaluations unused
-    capped = [e for e in results["ddp"]["evals"] if e["step"] <= 10]
-    late = [dict(e, acc=0.5) if e["step"] > 10 else e for e in results["netsense"]["evals"]]
-    acc = {t["name"]: t for t in report.evaluate_targets(list(rows.values()), {"20m": capped}, late)}
-    acc = acc["dynamic: final accuracy within 0.5 points of plain DDP"]
-    assert acc["status"] == "PASS" and "steps 5, 10 " in acc["note"] and acc["value"] == pytest.approx(0.0)
-    worse = [dict(e, acc=e["acc"] - 0.02) for e in results["netsense"]["evals"]]
-    acc = {t["name"]: t for t in report.evaluate_targets(list(rows.values()), {"20m": capped}, worse)}
-    assert acc["dynamic: final accuracy within 0.5 points of plain DDP"]["status"] == "MISS"
+def test_a_twin_not_rerun_counts_with_its_first_repeat():
+    runs = _group(ns_tts=(2.0, 2.5), twin_tts={"powersgd": [3.0, 2.0], "int8": [2.4, "skip"], "fp16": [None, "skip"]})
+    ns = [r for r in runs if r["contender"] == "netsense"]
+    assert [r["ratios"]["best_twin"] for r in ns] == ["int8", "powersgd"]
+    assert ns[1]["ratios"]["time_vs_best_twin"] == pytest.approx((2.5 / 2.0, 2.5 / 2.0))
 
 
-def test_traces_schedule_the_rates_and_flows():
-    dyn = trace_events("dynamic", 100.0)
-    assert dyn[0] == (0.0, "rate", DYNAMIC_CYCLE[0][0])
-    assert {v for _, k, v in dyn if k == "rate"} == {1000.0, 100.0, 20.0}
-    assert [t for t, _, _ in dyn] == sorted(t for t, _, _ in dyn) and dyn[-1][0] < 100.0
-    period = sum(sec for _, sec in DYNAMIC_CYCLE)
-    assert rate_at(dyn, 1.0) == rate_at(dyn, 1.0 + period) == DYNAMIC_CYCLE[0][0]
-    assert rate_at(dyn, DYNAMIC_CYCLE[0][1] + 0.1) == DYNAMIC_CYCLE[1][0]
-    assert trace_events("20m", 50.0) == [(0.0, "rate", 20.0)]
+def _targets(runs, evals=None):
+    return {t["name"]: t for t in targets.evaluate_targets(runs, evals or {})}
+
+
+def test_targets_pass_only_when_every_repeat_meets_them_and_say_so():
+    runs = _group(ns_tts=(2.0, 2.2), twin_tts={"powersgd": [3.0, 3.0], "int8": [6.0, "skip"]})
+    t = _targets(runs)["dynamic (digits): NetSense's time to target / the best twin's"]
+    assert t["status"] == "PASS" and t["spread"] == [pytest.approx(2 / 3), pytest.approx(2.2 / 3)]
+    assert t["value"] == pytest.approx((2 / 3 + 2.2 / 3) / 2) and t["note"] == ""
+    runs = _group(ns_tts=(2.0, 2.5), twin_tts={"powersgd": [3.0, 3.0]})
+    t = _targets(runs)["dynamic (digits): NetSense's time to target / the best twin's"]
+    assert t["status"] == "MISS" and "1 of 2 repeats" in t["note"]
+    runs = _group(ns_tts=(2.0,), twin_tts={"powersgd": [None]})  # the twin stopped at 4 s: NetSense <= 0.5x
+    t = _targets(runs)["dynamic (digits): NetSense's time to target / the best twin's"]
+    assert t["status"] == "PASS" and t["one_sided"] and "one repeat only" in t["note"]
+    assert "≤0.5x" in markdown_report.target_text(t)
+    runs = _group(ns_tts=(None,), twin_tts={"powersgd": [None]})  # neither got there: a bound that decides nothing
+    t = _targets(runs)["dynamic (digits): NetSense's time to target / the best twin's"]
+    assert t["status"] == "MISS" and "inconclusive" in t["note"]
+
+
+def test_static_targets_speed_and_quality_against_plain_ddp():
+    runs = _group(ns_tts=(3.0, 3.1), twin_tts={"powersgd": [3.0, 3.0]}, trace="20m")
+    ref = _out("ddp", 0.1, [0.1, 0.95, 0.96, 0.97, 0.97], trace="unshaped", role="quality")
+    runs.append(report.summarise_run(ref))
+    evals = {"digits/quality/ddp/0": ref["ranks"][0]["evals"],
+             "digits/20m/netsense/0": [{"step": 5, "train_s": 1, "value": 0.95}],
+             "digits/20m/netsense/1": [{"step": 5, "train_s": 1, "value": 0.92}]}
+    got = _targets(runs, evals)
+    speed = got["20m (digits): the best twin's time to target / NetSense's"]
+    assert speed["status"] == "PASS" and speed["spread"] == [pytest.approx(3.0 / 3.1), pytest.approx(1.0)]
+    quality = got["20m (digits): final accuracy, NetSense - plain DDP (points)"]
+    assert quality["repeats"] == [[pytest.approx(0.0)] * 2, [pytest.approx(-3.0)] * 2]
+    assert quality["status"] == "MISS" and "1 of 2 repeats" in quality["note"]
+    assert "100m (digits): the best twin's time to target / NetSense's" not in got  # not run: no line at all
+    # a loss is compared the other way round: at most 0.02 nats above plain DDP
+    loss = targets._quality("gpt", "1g", [{"rep": 0, "steps": 5, "metric": "loss"}],
+                            {"gpt/quality/ddp/0": [{"step": 5, "value": 3.00}],
+                             "gpt/1g/netsense/0": [{"step": 5, "value": 3.01}]})
+    assert loss["status"] == "PASS" and loss["threshold"] == 0.02
+
+
+def test_throughput_targets_and_sensing_lines():
+    runs = []
+    for c, step_s, trace, rep in (("ideal_sync", 0.4, None, 0), ("ideal_sync", 0.5, None, 1),
+                                  ("netsense", 0.5, "100m", 0), ("netsense", 0.45, "100m", 1),
+                                  ("powersgd", 0.45, "100m", 0), ("topk", 0.6, "100m", 0)):
+        runs.append(report.summarise_run(_out(c, step_s, [], trace=trace, workload="cnn", metric=None, n=23,
+                                              rep=rep)))
+    report.compare(runs)
+    ns = [r for r in runs if r["contender"] == "netsense"]
+    assert ns[0]["ratios"]["throughput_vs_ideal_sync"] == pytest.approx(0.4 / 0.5)  # the faster synced ideal
+    assert ns[1]["ratios"]["best_twin"] == "powersgd"  # not rerun: its first repeat stands
+    got = _targets(runs)
+    assert got["100m (cnn): NetSense's samples/s / the synced ideal's"]["status"] == "MISS"
+    sps = got["100m (cnn): NetSense's samples/s / the best twin's"]
+    assert sps["status"] == "MISS" and sps["repeats"] == [[pytest.approx(0.9)] * 2, [pytest.approx(1.0)] * 2]
+    records = [[{"mode": "none"}, {"mode": "powersgd(bits=16,rank=8)"}], [{"mode": "int8"}]]
+    line = targets._sensing("recovery", "gpt", 1.0, [[(0.5, 0.5), (0.8, math.inf)], [(0.7, 0.7)]], "s", records)
+    assert line["status"] == "MISS" and line["changes"] == [[0.5, 0.5], [0.8, math.inf], [0.7, 0.7]]
+    assert line["note"].startswith("2 of 3 changes met it, 1 not within their phase (the mode running at the "
+                                   "changes that missed: powersgd at 1)")
+
+
+# ---------------------------------------------------------------------------------------------- traces and plan
+def test_traces_schedule_rates_per_workload_and_flows():
+    for wl, cycle in DYNAMIC.items():
+        dyn = trace_events("dynamic", 40.0, wl)
+        assert dyn[0] == (0.0, "rate", 20.0)
+        assert [t for t, _, _ in dyn] == sorted(t for t, _, _ in dyn) and dyn[-1][0] < 40.0
+        period = sum(sec for _, sec in cycle)
+        assert rate_at(dyn, 0.5) == rate_at(dyn, 0.5 + period) == 20.0
+        rates = [r for r, _ in cycle]
+        pairs = set(zip(rates, rates[1:] + rates[:1]))
+        assert (20.0, 1000.0) in pairs and (1000.0, 20.0) in pairs  # a recovery and a drop per cycle
+        assert max(sec for r, sec in cycle if r == 1000.0) > 1.0  # longer than the recovery target
+    assert trace_events("unshaped", 5.0) == [(0.0, "rate", None)]
     cong = trace_events("congestion", 40.0)
-    assert cong[0] == (0.0, "rate", CONGESTION["rate"])
     flows = [(t, v) for t, k, v in cong if k == "flows"]
-    assert flows and flows[0] == (CONGESTION["first_s"], CONGESTION["on_s"])
+    assert flows[0] == (CONGESTION["first_s"], CONGESTION["on_s"])
     assert all(b[0] - a[0] == CONGESTION["on_s"] + CONGESTION["off_s"] for a, b in itertools.pairwise(flows))
+    log = [[9.9, "rate", 20.0], [10.0, "go", 0], [11.0, "rate", 1000.0], [12.0, "rate", 1000.0], [13, "flows", 5]]
+    assert phase_changes(log, 10.0) == [(1.0, 20.0, 1000.0)]
     with pytest.raises(ValueError, match="trace"):
         trace_events("lunar", 10.0)
+
+
+def _fake_run(job, tts=None):
+    """A run summary for a scheduled job: NetSense gets there in 2 s; twins as given; others in 4 s."""
+    t = {"netsense": 2.0}.get(job["contender"], 4.0) if tts is None else tts.get(job["contender"], 4.0)
+    reached = t is not None and (t <= job["cap_s"])
+    return {"contender": job["contender"], "tts_s": t if reached else None, "train_s": t if reached else job["cap_s"],
+            "samples_per_s": 100.0 / (t or 10.0), "job": job}
+
+
+def test_the_schedule_caps_twins_at_a_multiple_of_netsense_and_reruns_the_close_ones():
+    cfg = plan.preset("full")["digits"]
+    jobs = []
+    tts = {"netsense": 4.0, "powersgd": 3.0, "int8": 3.2, "fp16": None, "bf16": None, "topk": 3.9}
+
+    def execute(job):
+        jobs.append(job)
+        return _fake_run(job, tts)
+
+    plan.run_workload("digits", cfg, execute)
+    seen = [(j["contender"], j["trace"], j["rep"]) for j in jobs]
+    assert seen[0] == ("ideal", None, 0) and seen[1] == ("ideal_sync", None, 0)
+    dyn = [j for j in jobs if j["trace"] == "dynamic"]
+    # NetSense first, stopped at the target on the dynamic trace, trained on to the quality steps on static ones
+    assert dyn[0]["contender"] == "netsense" and dyn[0]["stop_at_target"] and dyn[0]["cap_s"] == cfg["cap_s"]
+    # a run stopped at the target is bounded by its cap, not by the quality steps (PowerSGD needs more steps)
+    assert dyn[0]["steps"] == plan.STEPS_TO_TARGET * cfg["quality_steps"]
+    twins0 = [j for j in dyn if j["contender"] in TWINS and j["rep"] == 0]
+    # the likely best twin first, capped at 1.4x NetSense's time; the others at 1.1x the best twin so far
+    assert [j["contender"] for j in twins0] == list(cfg["twin_order"])
+    assert twins0[0]["cap_s"] == pytest.approx(plan.TWIN_FACTOR["dynamic"] * 4.0)
+    assert all(j["stop_at_target"] and j["cap_s"] == pytest.approx(plan.RERUN_WITHIN * 3.0) for j in twins0[1:])
+    # the second repeat reruns the twins within 1.1x of the best one (3.0 s), the fastest first: not top-k (capped)
+    assert [j["contender"] for j in dyn if j["contender"] in TWINS and j["rep"] == 1] == ["powersgd", "int8"]
+    ns20 = [j for j in jobs if j["trace"] == "20m" and j["contender"] == "netsense"]
+    assert [j["rep"] for j in ns20] == [0, 1] and not any(j["stop_at_target"] for j in ns20)
+    assert all(j["steps"] == cfg["quality_steps"] for j in ns20)
+    static = [j for j in jobs if j["trace"] == "20m" and j["contender"] in TWINS and j["rep"] == 0]
+    assert static[0]["cap_s"] == pytest.approx(plan.TWIN_FACTOR["static"] * 4.0)
+    base = [j for j in jobs if j["contender"] in plan.BASELINES and j["role"] == "run"]
+    assert {(j["contender"], j["trace"]) for j in base} == {(b, t) for b in plan.BASELINES
+                                                             for t in cfg["baseline_traces"]}
+    assert all(j["rep"] == 0 and j["stop_at_target"] for j in base)
+    assert all(j["cap_s"] == pytest.approx(plan.BASELINE_FACTOR * 4.0) for j in base)
+    quality = [j for j in jobs if j["role"] == "quality"]
+    assert [(j["contender"], j["trace"], j["steps"]) for j in quality] == [("ddp", "unshaped", cfg["quality_steps"])]
+    # the congestion trace: NetSense alone, once
+    assert [(j["contender"], j["rep"]) for j in jobs if j["trace"] == "congestion"] == [("netsense", 0)]
+
+
+def test_presets_measure_what_the_targets_need():
+    for name in plan.PRESETS:
+        p = plan.preset(name)
+        for wl in ("digits", "gpt"):
+            assert "dynamic" in p[wl]["target_traces"] and p[wl]["repeats"] >= 2, (name, wl)
+        assert "100m" in p["cnn"]["target_traces"] and p["cnn"]["repeats"] >= 2 and p["cnn"]["ref_repeats"] >= 2
+    full = plan.preset("full")
+    for cfg in full.values():
+        assert set(cfg["target_traces"]) >= {"20m", "100m", "1g", "unshaped", "dynamic"}
+    jobs = []
+    plan.run_workload("cnn", plan.preset("quick")["cnn"], lambda j: jobs.append(j) or _fake_run(j))
+    assert [j["contender"] for j in jobs] == ["ideal", "ideal_sync", "netsense", "netsense", "ideal_sync", "ideal"]
+    assert all(j["steps"] == plan.BENCH["cnn"]["steps"] for j in jobs)
+    sub = select(plan.preset("full"), ["gpt"], ["dynamic"], 3, 5.0)
+    assert list(sub) == ["gpt"] and sub["gpt"]["target_traces"] == ["dynamic"] and sub["gpt"]["repeats"] == 3
+    assert sub["gpt"]["baseline_traces"] == ["dynamic"] and sub["gpt"]["cap_s"] == 5.0
+
+
+# ---------------------------------------------------------------------------------------------- contenders
+def test_twins_hold_netsenses_options_and_first_step():
+    pytest.importorskip("lightning_netsense")
+    from contenders import TwinPolicy
+
+    from lightning_netsense.adaptive import NetSensePolicy
+    from lightning_netsense.hook import NetSenseState
+
+    defaults = {d.mode: d for d in NetSensePolicy().candidates()}
+    for mode in TWINS:
+        twin = TwinPolicy(mode)
+        assert twin.decision == defaults[mode] and not twin.uses_link_estimate
+        state = NetSenseState(policy=twin)
+        # the state allows only stateless codecs in the first step without probes; int8 is among them
+        first = state._first_decision(2)
+        assert first == NetSensePolicy().first_decision(tuple(defaults.values()), 2) == defaults["int8"]
+        assert state.probe_every == 2 and not state._probes_link  # a twin never probes
+    assert TwinPolicy("powersgd").decision.key == "powersgd(bits=16,rank=8)"
+    assert TwinPolicy("topk").decision.key == "topk(density=0.01)"
+    with pytest.raises(ValueError, match="mode"):
+        TwinPolicy("none")
+
+
+def test_every_contender_is_a_lightning_strategy_and_the_standin_is_labelled():
+    pytest.importorskip("lightning_netsense")
+    from contenders import build_strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_netsense import AIMDPolicy, NetSensePolicy, NetSenseStrategy
+
+    assert build_strategy("ideal", 0, 2) == (None, False)
+    for name in CONTENDERS[1:]:
+        strategy, standin = build_strategy(name, 1, 2, torch_powersgd=False)
+        assert isinstance(strategy, DDPStrategy), name
+        assert strategy.cluster_environment.global_rank() == 1 and strategy.cluster_environment.world_size() == 2
+        assert standin == (name == "torch_powersgd")
+    assert type(build_strategy("netsense", 0, 2)[0].policy) is NetSensePolicy
+    assert isinstance(build_strategy("aimd", 0, 2)[0].policy, AIMDPolicy)
+    hooked, standin = build_strategy("torch_powersgd", 0, 2, torch_powersgd=True)
+    assert not isinstance(hooked, NetSenseStrategy) and not standin
+    assert "stand-in" in LABELS["torch_powersgd_standin"] and "twin" in LABELS["powersgd"]
+
+
+def test_skip_exchange_hook_returns_the_local_gradient_at_once():
+    pytest.importorskip("lightning_netsense")
+    import torch
+    from contenders import skip_exchange_hook
+
+    class _Bucket:  # what the hook reads of DDP's GradBucket
+        tensor = torch.arange(4.0)
+
+        def buffer(self):
+            return self.tensor
+
+    bucket = _Bucket()
+    fut = skip_exchange_hook(None, bucket)
+    assert fut.done() and fut.value() is bucket.tensor
+
+
+# ---------------------------------------------------------------------------------------------- output
+def test_slim_results_round_trip_through_json_tables_and_plots(tmp_path):
+    log = [[999.99, "rate", 20.0], [1000.0, "go", 0], [1001.0, "rate", 1000.0]]
+    extra = lambda i: {"bw_mbit": 20.0 if i < 3 else 900.0, "mode": "powersgd(bits=16,rank=8)", "hook_bytes": 1.0,
+                       "probe_s": 0.01 if i == 2 else 0.0, "probe_bytes": 10.0 if i == 2 else 0.0}
+    outs = {"netsense": _out("netsense", 0.5, [0.1, 0.92, 0.95], n=10, steps_extra=extra, trace_log=log),
+            "int8": _out("int8", 0.6, [0.1, 0.91, 0.95], n=10),
+            "ddp": _out("ddp", 0.1, [0.1, 0.95, 0.96], trace="unshaped", role="quality", n=10)}
+    runs = [report.summarise_run(o) for o in outs.values()]
+    report.compare(runs)
+    series = {}
+    for c, o in outs.items():
+        trace = "quality" if c == "ddp" else "dynamic"
+        r0 = o["ranks"][0]
+        series[f"digits/{trace}/{c}/0"] = {"steps": r0["steps"], "evals": r0["evals"], "trace_log": o["trace_log"],
+                                           "t_go": o["t_go"]}
+    full = {"runs": runs, "series": series, "targets": targets.evaluate_targets(runs, {}), "preset": "quick",
+            "seconds": 65.0, "name": "results_quick", "failures": [], "pilot_torch_powersgd": {}}
+    small = json.loads(json.dumps(slim(full)))
+    assert "steps" in small["series"]["digits/dynamic/netsense/0"]
+    assert "steps" not in small["series"]["digits/dynamic/int8/0"]  # evaluations only
+    assert small["series"]["digits/dynamic/netsense/0"]["steps"][0]["wall"] == pytest.approx(1000.5)
+    page = markdown_report.render(small, notes="## Why\n\nBecause.")
+    assert "| dynamic | 0 | 2.5 | int8 (3.0 s) | 0.83 |" in page and page.rstrip().endswith("Because.")
+    assert re.search(r"\| MISS \| dynamic \(digits\): NetSense's time to target / the best twin's: 0.833x", page)
+    pytest.importorskip("matplotlib")
+    import plots
+
+    paths = plots.make_all(small, str(tmp_path))
+    assert {os.path.basename(p) for p in paths} == {"sensing_digits.png", "quality_digits.png",
+                                                    "throughput_digits.png"}
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+    xs, ys = plots.rate_steps([(0.0, 20.0), (1.0, None)], 3.0)
+    assert ys == [20.0, 20.0, plots._UNSHAPED_MBIT, plots._UNSHAPED_MBIT] and xs[-1] == 3.0
 
 
 def test_socket_bytes_counts_only_this_process():
@@ -158,174 +405,6 @@ def test_socket_bytes_counts_only_this_process():
           "\t bbr bytes_sent:234 bytes_received:5\n")
     assert socket_bytes(ss, 42) == 1234
     assert socket_bytes(ss, 7) == 0
-
-
-def test_slim_results_round_trip_through_json_and_plots(tmp_path):
-    rows, results = _group()
-    series = {f"digits/{r['trace']}/{c}": {"steps": results[c]["steps"], "evals": results[c]["evals"],
-                                           "trace_log": [[999.9, "rate", 1000.0], [1008.0, "rate", 20.0]],
-                                           "t_go": 1000.0} for c, r in rows.items()}
-    full = {"runs": list(rows.values()), "series": series, "config": {"target_accuracy": 0.9}, "targets": []}
-    small = json.loads(json.dumps(slim(full)))
-    assert "steps" in small["series"]["digits/dynamic/netsense"]
-    assert "steps" not in small["series"]["digits/dynamic/ddp"]  # evaluations only
-    assert small["series"]["digits/dynamic/netsense"]["steps"][0]["wall"] == pytest.approx(1000.2)
-    assert series["digits/dynamic/netsense"]["steps"][0]["wall"] == pytest.approx(1000.2)  # the input is untouched
-    pytest.importorskip("matplotlib")
-    import plots
-
-    paths = plots.make_all(small, str(tmp_path))
-    assert {os.path.basename(p) for p in paths} == {"bandwidth_mode_digits.png", "accuracy_digits.png",
-                                                    "throughput_digits.png"}
-    assert all(os.path.getsize(p) > 1000 for p in paths)
-    xs, ys = plots.rate_steps(series["digits/dynamic/netsense"]["trace_log"], 1000.0, 1020.0)
-    assert ys[0] == 1000.0 and ys[-1] == 20.0 and xs[0] == 0.0 and xs[-1] == pytest.approx(20.0)
-
-
-def test_lower_bounds_when_baselines_never_reached_the_target():
-    rows, results = _group()
-    runs = list(rows.values())
-    for r in runs:  # no static compressor reached the target: the one that trained longest-to-shortest bounds it
-        if r["contender"] in ("fp16", "powersgd", "topk"):
-            r["tta_s"] = r["tta_step"] = None
-    report.compare(runs, {"digits": results["ideal"]})
-    ns = rows["netsense"]["ratios"]
-    # fp16 ran 20 s, top-k 8 s without getting there: min TTA over them is > 8 s, so the speed-up is >= 8 / 2
-    assert ns["best_static_tta"] == "topk"
-    assert ns["tta_speedup_vs_best_static"] == {"value": pytest.approx(4.0), "lower_bound": True}
-    # a static compressor that reached the target faster than the others ran wins with an exact figure
-    rows["fp16"]["tta_s"] = 5.0
-    report.compare(runs, {"digits": results["ideal"]})
-    assert rows["netsense"]["ratios"]["best_static_tta"] == "fp16"
-    exact = {"value": pytest.approx(2.5), "lower_bound": False}
-    assert rows["netsense"]["ratios"]["tta_speedup_vs_best_static"] == exact
-    # the ideal's TTA is plain DDP's step on the ideal's clock: without it there is no TTA ratio to the ideal
-    # (the ideal's own run length bounds nothing)
-    rows["ddp"]["tta_s"] = rows["ddp"]["tta_step"] = None
-    report.compare(runs, {"digits": results["ideal"]})
-    assert rows["ideal"]["tta_s"] is None and "did not reach" in rows["ideal"]["tta_note"]
-    assert rows["netsense"]["ratios"]["tta_speedup_vs_ideal"] is None
-    assert rows["netsense"]["ratios"]["tta_speedup_vs_ddp"] == {"value": pytest.approx(40.0 / 2.0), "lower_bound": True}
-    # a lower bound below the threshold is no pass, and says it is inconclusive
-    rows["netsense"]["ratios"]["tta_speedup_vs_ddp"] = {"value": 5.0, "lower_bound": True}
-    t = {t["name"]: t for t in report.evaluate_targets(runs, {})}["dynamic: TTA speed-up vs plain DDP"]
-    assert t["status"] == "MISS" and t["lower_bound"] and "inconclusive" in t["note"]
-
-
-def test_throughput_runs_have_no_time_to_accuracy_figures():
-    ideal = _result("ideal", 0.3, [], trace=None, workload="cnn", n=43, eval_every=10**9)
-    ddp = _result("ddp", 0.6, [], trace="1g", workload="cnn", n=43, eval_every=10**9)
-    ns = _result("netsense", 0.62, [], trace="1g", workload="cnn", n=43, eval_every=10**9)
-    runs = []
-    for res in (ideal, ddp, ns):
-        s = report.summarise_run(res, target=None)
-        assert s["measured_steps"] == 40 and s["tta_s"] is None and s["final_acc"] is None
-        runs.append(s)
-    report.compare(runs, {"cnn": ideal})
-    assert "tta_note" not in runs[0]
-    r = runs[2]["ratios"]
-    assert r["throughput_vs_ddp"] == pytest.approx(0.6 / 0.62) and r["throughput_vs_ideal"] == pytest.approx(0.3 / 0.62)
-    assert r["tta_speedup_vs_ddp"] is None and r["tta_speedup_vs_best_static"] is None
-    t = {t["name"]: t for t in report.evaluate_targets(runs, {})}
-    assert t["1 Gbit/s: throughput vs plain DDP (cnn)"]["status"] == "MISS"
-    assert t["100 Mbit/s: throughput vs ideal (cnn)"]["status"] == "N/A"  # no 100m run
-
-
-def test_the_synced_ideal_splits_the_gap_to_the_ideal():
-    """DDP with the exchange skipped is a reference like the ideal: no group of its own, its ratio to the ideal
-    says what synchronising costs, and every contender gets a ratio to it (the 100 Mbit/s target's note)."""
-    runs, results = [], {}
-    for c, step_s, trace in (("ideal", 0.3, None), ("ideal_sync", 0.4, None), ("ddp", 0.8, "100m"),
-                             ("netsense", 0.5, "100m")):
-        results[c] = _result(c, step_s, [], trace=trace, workload="cnn", n=43, eval_every=10**9)
-        s = report.summarise_run(results[c], target=None)
-        s["trace"] = trace
-        runs.append(s)
-    report.compare(runs, {"cnn": results["ideal"]}, {"cnn": results["ideal_sync"]})
-    report.add_pairwise(runs)
-    rows = {r["contender"]: r for r in runs}
-    assert rows["ideal_sync"]["ratios"] == {"throughput_vs_ideal": pytest.approx(0.3 / 0.4)}
-    ns = rows["netsense"]["ratios"]
-    assert ns["throughput_vs_ideal"] == pytest.approx(0.3 / 0.5)
-    assert ns["throughput_vs_ideal_sync"] == pytest.approx(0.4 / 0.5)
-    assert ns["best_static_throughput"] is None  # the references are not static compressors
-    t = {t["name"]: t for t in report.evaluate_targets(runs, {})}["100 Mbit/s: throughput vs ideal (cnn)"]
-    assert t["status"] == "MISS" and t["value"] == pytest.approx(0.6)
-    assert "0.80x the synced ideal" in t["note"] and "0.75x the ideal" in t["note"]
-
-
-def test_skip_exchange_hook_returns_the_local_gradient_at_once():
-    pytest.importorskip("lightning_netsense")
-    import torch
-    from contenders import skip_exchange_hook
-
-    class _Bucket:  # what the hook reads of DDP's GradBucket
-        def __init__(self) -> None:
-            self.tensor = torch.arange(4.0)
-
-        def buffer(self) -> torch.Tensor:
-            return self.tensor
-
-    bucket = _Bucket()
-    fut = skip_exchange_hook(None, bucket)
-    assert fut.done() and fut.value() is bucket.tensor
-
-
-def test_presets_measure_what_the_targets_need():
-    for name, preset in PRESETS.items():
-        digits, cnn = preset["digits"], preset["cnn"]
-        plan = job_plan(digits)
-        assert ("netsense", "dynamic") in plan and ("ideal", None) in plan
-        assert {c for c, tr in plan if tr == "dynamic"} >= {"ddp", "fp16", "powersgd", "topk", "aimd", "netsense"}
-        # plain DDP also on a fast trace: the accuracy reference at NetSense's step count
-        assert ("ddp", "1g") in plan, name
-        cplan = job_plan(cnn)
-        assert {("ideal", None), ("netsense", "100m"), ("netsense", "1g"), ("ddp", "1g")} <= set(cplan), name
-        assert cnn["steps"] - report.WARMUP_STEPS == 40
-        assert digits["cap_s_dynamic"] >= sum(sec for _, sec in DYNAMIC_CYCLE)  # a whole cycle of the trace
-    # the dynamic trace starts congested and visits every rate; in the full run every contender trains there
-    # until the cap (a whole cycle: the plot of NetSense's estimate covers each rate), elsewhere to the budget
-    assert DYNAMIC_CYCLE[0][0] == 20.0 and {r for r, _ in DYNAMIC_CYCLE} == {20.0, 100.0, 1000.0}
-    full = PRESETS["full"]["digits"]
-    dyn, fixed = (_job("digits", "netsense", t, full, 0, False, 0.95) for t in ("dynamic", "20m"))
-    assert dyn["cap_s"] >= sum(sec for _, sec in DYNAMIC_CYCLE) and dyn["steps"] * 0.02 >= dyn["cap_s"]
-    assert fixed["steps"] == full["steps"] == 300 and fixed["cap_s"] == full["cap_s"]
-    extra = dict(PRESETS["quick"]["digits"], traces=["dynamic"], contenders=["ddp"])
-    assert job_plan(extra) == [("ddp", "dynamic"), ("ddp", "1g")]
-    # the references run first and last (the faster run counts: one run of the ideal moved from 121 to 209
-    # samples/s), the ideal outermost
-    both = dict(extra, contenders=["ideal", "ddp"])
-    assert job_plan(both) == [("ideal", None), ("ddp", "dynamic"), ("ddp", "1g"), ("ideal", None)]
-    refs = dict(extra, contenders=["ideal_sync", "ddp", "ideal"])
-    assert job_plan(refs) == [("ideal", None), ("ideal_sync", None), ("ddp", "dynamic"), ("ddp", "1g"),
-                              ("ideal_sync", None), ("ideal", None)]
-    for preset in PRESETS.values():  # both presets measure what synchronising alone costs on the CNN
-        assert ("ideal_sync", None) in job_plan(preset["cnn"])
-
-
-def test_the_faster_run_of_the_ideal_counts_and_both_are_listed():
-    first = {"contender": "ideal", "samples_per_s": 121.0, "train_s": 22.6}
-    assert merge_ideal(None, first) and first["repeats_samples_per_s"] == [121.0]
-    faster = {"contender": "ideal", "samples_per_s": 205.0, "train_s": 13.3}
-    assert merge_ideal(first, faster)  # replaces the kept one, in place
-    assert first["samples_per_s"] == 205.0 and first["train_s"] == 13.3
-    assert first["repeats_samples_per_s"] == [121.0, 205.0]
-    slower = {"contender": "ideal", "samples_per_s": 150.0, "train_s": 18.0}
-    assert not merge_ideal(first, slower)
-    assert first["samples_per_s"] == 205.0 and first["repeats_samples_per_s"] == [121.0, 205.0, 150.0]
-
-
-def test_static_contenders_never_probe_the_link():
-    pytest.importorskip("lightning_netsense")
-    from contenders import hook_state
-
-    for name in ("powersgd", "topk"):
-        state = hook_state(name)
-        assert state.probe_every == 0 and not state.policy.uses_link_estimate
-    assert hook_state("topk").policy.decision.key == "topk(density=0.01)"
-    assert hook_state("netsense").probe_every > 0  # the adaptive ones may probe
-    with pytest.raises(ValueError, match="hook-based"):
-        hook_state("ddp")
 
 
 def test_driver_wait_reports_only_this_jobs_complete_errors(tmp_path):
@@ -342,36 +421,31 @@ def test_driver_wait_reports_only_this_jobs_complete_errors(tmp_path):
         d._wait(["result_4_0.json"], 5.0, "job 4", errors="error_4_")
 
 
-def test_hook_overhead_times_every_codec_on_the_cnns_buckets(capsys):
-    import hook_overhead
-    import torch
-    from workloads import resnet18
-
-    buckets = hook_overhead.buckets()
-    # every parameter in exactly one bucket, in DDP's (reverse) order
-    assert sum(n for _, n in buckets) == sum(p.numel() for p in resnet18(stem="cifar").parameters())
-    assert len(buckets) >= 2
-    threads = torch.get_num_threads()
-    try:
-        hook_overhead.main(["--steps", "3"])
-    finally:
-        torch.set_num_threads(threads)  # main() sets one thread: do not leave it to the tests after this one
-    lines = capsys.readouterr().out.splitlines()[1:]
-    assert [line.split()[0] for line in lines] == list(hook_overhead._OPTIONS)
-    for line in lines:  # per step: the parts are measured, positive, and add up to the total
-        total = float(line.split()[1])
-        parts = [float(x) for x in re.findall(r"([0-9.]+) ms", line)]
-        assert len(parts) == 4 and all(p > 0 for p in parts)
-        assert total == pytest.approx(sum(parts) / 1e3, abs=2e-3)
-
-
 @pytest.mark.slow
-def test_first_step_reports_steps_to_the_target_per_mode(capsys):
-    """benchmarks/first_step.py: two real gloo ranks per mode; a first step in that mode, PowerSGD after."""
-    import first_step
+def test_jobs_run_through_the_lightning_trainer_on_two_ranks(tmp_path):
+    """Two long-lived ranks on loopback run plain DDP and NetSense through lightning.Trainer: same data and model,
+    agreed stops and evaluations, NetSense's per-step mode and estimate."""
+    pytest.importorskip("sklearn")
+    from step_cost import Loopback
 
-    first_step.main(["--modes", "powersgd,int8", "--seeds", "0", "--steps", "5", "--target", "0.0"])
-    out = capsys.readouterr().out
-    # a target of 0 is met at the first evaluation; the mode of the first step is the one asked for
-    assert "powersgd  steps to 0% over seeds 0: 5" in out and "int8      steps to 0% over seeds 0: 5" in out, out
-    assert "{'powersgd': 5}" in out and "{'int8': 1, 'powersgd': 4}" in out, out
+    d = Driver(Loopback(), str(tmp_path))
+    d.start()
+    try:
+        cfg = dict(plan.BENCH["digits"], quality_steps=6, eval_every=3, eval_every_s=0.0)
+        outs = {c: d.run(plan.job_spec("digits", c, None, cfg), None) for c in ("ddp", "netsense")}
+        capped = d.run(plan.job_spec("digits", "int8", None, dict(cfg, target=0.0), stop_at_target=True), None)
+    finally:
+        d.stop()
+    for c, out in outs.items():
+        r0, r1 = out["ranks"]
+        assert [s["step"] for s in r0["steps"]] == list(range(1, 7)) and r0["stop"] == "steps", c
+        assert [e["step"] for e in r0["evals"]] == [0, 3, 6] == [e["step"] for e in r1["evals"]]
+        assert [e["value"] for e in r0["evals"]] == [e["value"] for e in r1["evals"]]  # one model, two ranks
+        assert r0["timing"]["setup_s"] >= 0 and r0["socket_bytes"] > 0
+    ns = outs["netsense"]["ranks"][0]
+    assert ns["steps"][0]["mode"] == "int8" and sum(ns["mode_steps"].values()) == 6  # NetSense's first step
+    assert all("bw_mbit" in s and "probe_s" in s for s in ns["steps"])
+    assert "mode" not in outs["ddp"]["ranks"][0]["steps"][0]
+    # the same data and weights: the first evaluation is the same for both
+    assert outs["ddp"]["ranks"][0]["evals"][0]["value"] == ns["evals"][0]["value"]
+    assert capped["ranks"][0]["stop"] == "target" and len(capped["ranks"][0]["steps"]) == 3
