@@ -86,7 +86,9 @@ class PolicyTuning:
             time) ``urgent`` times over (> 1): then at once.
         efficiency_floor: smallest share of a plain step's progress credited to a lossy step, in (0, 1].
         max_slowdown: a mode whose predicted step is more than this many times the fastest candidate's is not
-            chosen for its lower error (>= 1; ``math.inf`` trusts the progress model without bound).
+            chosen for its lower error (>= 1). The default, ``math.inf``, trusts the progress model without bound:
+            a bound lets a cheap mode that makes no progress (top-k on a transformer with AdamW) win over one that
+            does.
         prior_errors: update errors (>= 0) assumed for modes not measured yet, over :data:`PRIOR_REL_ERROR`.
         first_mode: mode of a run's first step: ``"auto"`` (a mode that sends every coordinate with its sign, see
             :func:`first_step_mode`), ``"none"`` or one of the policy's ``modes``.
@@ -104,7 +106,7 @@ class PolicyTuning:
     confirm: int = 2
     urgent: float = 4.0
     efficiency_floor: float = 0.05
-    max_slowdown: float = 2.0
+    max_slowdown: float = math.inf
     prior_errors: dict[str, float] | None = None
     first_mode: str = "auto"
 
@@ -303,8 +305,8 @@ class NetSensePolicy(Policy):
         # and the least lossy mode that fits is still the choice when one does. Only the transfer hides under the
         # backward pass: the codec's compute shares the core (CPU) or the stream (CUDA) with it.
         step = {m: base + profiles[m].seconds_per_byte * dense + max(0.0, wire[m] - budget) for m in eligible}
-        # Trust the progress model only so far: never pay more than `max_slowdown` times the fastest candidate's
-        # step for a lower per-step error (error feedback re-sends what a step left out).
+        # Optionally trust the progress model only so far: never pay more than `max_slowdown` times the fastest
+        # candidate's step for a lower per-step error (unbounded by default).
         fastest = min(step.values())
         bound = self.max_slowdown if max_slowdown is None else max_slowdown
         if math.isfinite(bound):  # (inf * a free step would be nan, and rule every mode out)

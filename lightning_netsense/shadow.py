@@ -5,7 +5,13 @@ optimizer and the point of training (early in Adam's training a low-rank project
 the wrong direction; later the same codec may cost little). So every candidate codec runs, each step, on a copy of
 a small window of this rank's gradients - row blocks of a few of the model's matrices, a bounded number of elements
 - with its own error-feedback residual, exactly as the hook would run it but with nothing sent.
-Its update error (:mod:`~lightning_netsense.update_error`) is what the policy prices the mode with.
+Its update error (:mod:`~lightning_netsense.update_error`), averaged over the last steps, is what the policy prices
+the mode with.
+
+The average is taken of ``e**2``, the share of a step's progress the mode loses, so that the price is the expected
+progress per step: a low-rank projection's error swings from step to step (on a transformer with AdamW early in
+training, between 0.2 and 2 from one step to the next), and a single quiet step must neither make it look safe nor a
+single bad one rule it out.
 """
 
 from __future__ import annotations
@@ -54,12 +60,15 @@ class ShadowMeter:
     Args:
         budget: most gradient elements in the window.
         blocks: matrices the window takes row blocks from.
+        smoothing: weight of the newest step in the running mean of each mode's ``e**2``, in (0, 1] (1: the last
+            step alone).
     """
 
     __slots__ = (
         "_codecs",
         "_feedback",
         "_filled",
+        "_mean_sq",
         "_params",
         "_pre_parts",
         "_rows",
@@ -67,11 +76,14 @@ class ShadowMeter:
         "blocks",
         "budget",
         "errors",
+        "smoothing",
     )
 
-    def __init__(self, budget: int = 1 << 16, blocks: int = 4) -> None:
+    def __init__(self, budget: int = 1 << 16, blocks: int = 4, smoothing: float = 0.125) -> None:
         self.budget = budget
         self.blocks = blocks
+        self.smoothing = smoothing
+        self._mean_sq: dict[str, float] = {}
         self._params: list[Tensor] = []  # the window's matrices, in window order
         self._rows: dict[int, tuple[int, Tensor, int]] = {}  # id(param) -> (window offset, row indices, elements)
         self._window: Tensor | None = None
@@ -79,7 +91,8 @@ class ShadowMeter:
         self._codecs: dict[str, Codec] = {}
         self._feedback = ErrorFeedback()
         self._pre_parts: list[tuple[Tensor, Tensor | None]] = []
-        #: per mode, the update error of the last measured step (see :mod:`~lightning_netsense.update_error`)
+        #: per mode, the root of the running mean of the squared update error (see
+        #: :mod:`~lightning_netsense.update_error`)
         self.errors: dict[str, float] = {}
 
     @property
@@ -111,6 +124,8 @@ class ShadowMeter:
         self._codecs.clear()
         self._feedback.reset()
         self._filled = 0
+        self._mean_sq.clear()
+        self.errors.clear()
 
     def capture(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         """Copy the window's rows from one bucket's gradients (``params`` and ``grads`` in bucket order)."""
@@ -143,7 +158,10 @@ class ShadowMeter:
             for mode, t in zip(modes, torch.stack(terms).tolist()):
                 err, _ = relative(t)
                 if math.isfinite(err):
-                    self.errors[mode] = err
+                    last = self._mean_sq.get(mode)
+                    sq = err * err if last is None else last + self.smoothing * (err * err - last)
+                    self._mean_sq[mode] = sq
+                    self.errors[mode] = math.sqrt(sq)
 
     def _shapes(self) -> tuple[tuple[int, ...], ...]:
         return tuple((self._rows[id(p)][1].numel(), *p.shape[1:]) for p in self._params)

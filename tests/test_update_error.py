@@ -182,3 +182,39 @@ def test_the_shadow_measures_every_candidate_on_a_window_of_real_gradients():
     meter.capture(params[:1], [params[0].grad])
     meter.measure(codecs, decisions, SecondMoments([opt]))
     assert meter.errors == before
+
+
+def test_the_shadow_prices_a_mode_with_its_mean_squared_error_over_the_last_steps():
+    """A low-rank projection's error swings from step to step; the price is the running mean of ``e**2``."""
+    model = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 4))
+    params = list(model.parameters())
+    codecs = {name: cls() for name, cls in CODECS.items()}
+    decisions = [Decision("powersgd", {"rank": 1, "bits": 32}), Decision("topk", {"density": 0.05})]
+
+    def run(smoothing):
+        torch.manual_seed(0)
+        for p, q in zip(params, nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 4)).parameters()):
+            p.data.copy_(q.data)
+        meter = ShadowMeter(budget=4096, blocks=2, smoothing=smoothing)
+        meter.choose(params)
+        seen = []
+        for step in range(8):
+            x = torch.randn(16, 32, generator=torch.Generator().manual_seed(step))
+            model.zero_grad()
+            model(x).square().mean().backward()
+            meter.capture(params, [p.grad for p in params])
+            meter.measure(codecs, decisions, None)
+            seen.append(dict(meter.errors))
+        return meter, seen
+
+    _, last = run(1.0)  # the last step alone
+    meter, smoothed = run(0.25)
+    for mode in ("powersgd", "topk"):
+        per_step = [s[mode] for s in last]
+        assert len(set(per_step)) > 1  # the error changes from step to step
+        mean = per_step[0] ** 2
+        for e, s in zip(per_step[1:], smoothed[1:]):
+            mean += 0.25 * (e * e - mean)
+            assert s[mode] == pytest.approx(math.sqrt(mean), rel=1e-5)
+    meter.reset()  # a new run or a resume: nothing measured
+    assert meter.errors == {}
