@@ -1,6 +1,6 @@
 """Checks of the arguments ``NetSenseStrategy`` passes on to Lightning's ``DDPStrategy`` and to torch's
 ``DistributedDataParallel``: made in the main process, before any rank starts (DDP and gloo would otherwise fail
-10-20 s later in every rank, with messages that do not name the argument)."""
+later, in every rank,, with messages that do not name the argument)."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 #: Name prefix of every namespace this module creates; :func:`cleanup_stale` removes leftovers by it.
 PREFIX = "nsl"
 # tc's "1mbit" as a size is 2**20 / 8 bytes. A smaller bucket cost throughput at 1 Gbit/s, and a bucket
-# smaller than a queued GSO packet never lets it through (measured: one allreduce stalled for 654 s).
+# smaller than a queued GSO packet never lets it through (a collective then stalls until the timeout).
 _MIN_BURST_BYTES = 131072
 _COMMAND_TIMEOUT = 30.0
 _counter = itertools.count()
@@ -88,7 +88,7 @@ class ShapedLink:
 
     Args:
         rate_mbit: tbf rate of each direction in Mbit/s (IP packets including their Ethernet header count);
-            ``None`` leaves the veth unshaped (about 6 Gbit/s for gloo on this machine).
+            ``None`` leaves the veth unshaped.
         burst_bytes: tbf bucket size, kept unchanged when the rate changes (shrinking it with the rate wedged
             the link); at least 131072 (tc's ``1mbit``).
         latency_ms: the longest a packet may wait in the tbf queue (sets the queue length).

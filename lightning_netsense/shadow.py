@@ -9,8 +9,8 @@ Its update error (:mod:`~lightning_netsense.update_error`), averaged over the la
 the mode with.
 
 The average is taken of ``e**2``, the share of a step's progress the mode loses, so that the price is the expected
-progress per step: a low-rank projection's error swings from step to step (on a transformer with AdamW early in
-training, between 0.2 and 2 from one step to the next), and a single quiet step must neither make it look safe nor a
+progress per step: a low-rank projection's error can swing widely from one step to the next (early in training
+with Adam), and a single quiet step must neither make it look safe nor a
 single bad one rule it out.
 """
 

@@ -73,7 +73,7 @@ class NetSenseStrategy(DDPStrategy):
             link, stalls every other rank before all of them raise; a rank that dies outright is usually seen at
             once (its sockets close). The budget must exceed the longest stall you want to survive: TCP backs off
             exponentially while a link is down, so an outage stalls a collective for up to about twice its length
-            (see ``docs/faults.md``); 5 minutes survives outages up to about 150 s. It also bounds
+            (see ``docs/faults.md``): the budget must be about twice the outage to survive. It also bounds
             work one rank does while the others wait at a barrier: ``prepare_data`` on rank 0 (a dataset download)
             and checkpoint writes. Raise it for those (``timeout=timedelta(minutes=30)``); ``None`` leaves it to
             torch (30 minutes for gloo, 10 for NCCL). What happens in each case: ``docs/faults.md``.
@@ -135,7 +135,7 @@ class NetSenseStrategy(DDPStrategy):
         if policy is None:
             policy = NetSensePolicy()
         # Everything is checked here, in the main process, before any rank starts: DDP and gloo would otherwise
-        # fail 10-20 s later in every rank, with messages that do not name the argument.
+        # fail later, in every rank, with messages that do not name the argument.
         check_bool("find_unused_parameters", find_unused_parameters)
         check_bool("static_graph", static_graph)
         check_bool("gradient_as_bucket_view", gradient_as_bucket_view)
